@@ -1,0 +1,1 @@
+"""Thin typer front end over bavit_core."""

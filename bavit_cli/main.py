@@ -1,0 +1,50 @@
+"""The ``bavit`` command: one module per subcommand, registered here."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from bavit_core import __version__
+
+from . import label as _label
+from . import synth as _synth
+
+app = typer.Typer(
+    name="bavit",
+    help="Background-aware token pruning for ViT detectors (BAViT): label, train, prune, evaluate, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bavit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Background-aware token pruning for ViT detectors (BAViT).
+
+    \b
+    Example:
+        bavit synth --out data/shapes && bavit label --root data/shapes --out labels.parquet
+    """
+
+
+COMMANDS = {
+    "synth": _synth.synth,
+    "label": _label.label,
+}
+for _name, _fn in COMMANDS.items():
+    app.command(_name)(_fn)
+
+
+def main() -> None:
+    app()

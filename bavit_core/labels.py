@@ -1,0 +1,358 @@
+"""Annotations → patch-level FG/BG label grids, and the labels parquet file.
+
+One row per image. ``scores`` hold the continuous per-token value the FG decision is
+made from (box overlap or mask pixel fraction), so thresholds can change without
+relabelling; ``fg`` holds the decision under the options in the file's metadata.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .datasets import AnnotationSet
+from .errors import InputFileError, OptionError
+from .fileio import atomic_path, sha256_file, sha256_bytes
+from .grid import CRITERIA, GridSpec, cell_pixel_counts, cell_sizes, image_box_scores
+
+SOURCES = ("boxes", "masks")
+INCLUDE_EXCLUDE = ("include", "exclude")
+META_KEY = b"bavit"
+FORMAT = "bavit-labels/1"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class LabelOptions:
+    source: str = "boxes"
+    criterion: str = "coverage"
+    tau: float = 0.5
+    mask_threshold: float = 0.10
+    grid: GridSpec = field(default_factory=GridSpec)
+    crowd: str = "include"
+    difficult: str = "include"
+    void: str = "bg"
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise OptionError(f"unknown --source {self.source!r}; choose one of {', '.join(SOURCES)}")
+        if self.criterion not in CRITERIA:
+            raise OptionError(f"unknown --criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise OptionError(f"--tau must be in [0, 1], got {self.tau}")
+        if not 0.0 <= self.mask_threshold < 1.0:
+            raise OptionError(f"--mask-threshold must be in [0, 1), got {self.mask_threshold}")
+        for name in ("crowd", "difficult"):
+            if getattr(self, name) not in INCLUDE_EXCLUDE:
+                raise OptionError(f"--{name} must be include or exclude")
+
+    @property
+    def threshold(self) -> float:
+        return self.tau if self.source == "boxes" else self.mask_threshold
+
+    @property
+    def comparison(self) -> str:
+        """FG when score >= tau (boxes, paper eq. 1) or score > threshold (masks)."""
+        return ">=" if self.source == "boxes" else ">"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["grid"] = self.grid.as_dict()
+        return d
+
+
+def threshold_scores(scores: np.ndarray, threshold: float, comparison: str) -> np.ndarray:
+    if comparison == ">=":
+        return scores >= threshold
+    if comparison == ">":
+        return scores > threshold
+    raise OptionError(f"unknown comparison {comparison!r}")
+
+
+@dataclass
+class LabelSummary:
+    out: Path
+    images_listed: int
+    images_labelled: int
+    annotations_used: int
+    skipped: dict[str, int]
+    notes: dict[str, int]
+    fg_fraction_mean: float
+    fg_fraction_median: float
+    seconds: float
+
+
+@dataclass
+class Labels:
+    """What :func:`read_labels` returns: arrays aligned on the image axis."""
+
+    image_ids: np.ndarray
+    file_names: list[str]
+    widths: np.ndarray
+    heights: np.ndarray
+    grids: np.ndarray
+    scores: np.ndarray
+    n_objects: np.ndarray
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return tuple(self.grids.shape[1:])
+
+    @property
+    def fg_fraction(self) -> np.ndarray:
+        return self.grids.reshape(len(self), -1).mean(axis=1)
+
+    def subset(self, index) -> "Labels":
+        index = np.asarray(index)
+        return Labels(
+            image_ids=self.image_ids[index],
+            file_names=[self.file_names[i] for i in np.arange(len(self))[index]],
+            widths=self.widths[index],
+            heights=self.heights[index],
+            grids=self.grids[index],
+            scores=self.scores[index],
+            n_objects=self.n_objects[index],
+            meta=self.meta,
+        )
+
+
+# --------------------------------------------------------------------------- computing
+def compute_box_scores(aset: AnnotationSet, opts: LabelOptions) -> tuple[np.ndarray, np.ndarray, int]:
+    """(N, gh, gw) max overlap scores, objects per image, boxes used."""
+    keep = aset.select_boxes(opts.crowd, opts.difficult)
+    boxes, box_img = aset.boxes[keep], aset.box_image[keep]
+    scores = image_box_scores(boxes, box_img, aset.widths, aset.heights, opts.grid.shape, opts.criterion)
+    n_obj = np.bincount(box_img, minlength=aset.n_images)
+    return scores, n_obj, int(len(boxes))
+
+
+_JOB: dict = {}
+
+
+def _mask_range(bounds: tuple[int, int]):
+    """Worker body: mask fractions of images [start, stop) of the job set up in _JOB."""
+    aset, opts = _JOB["aset"], _JOB["opts"]
+    start, stop = bounds
+    gh, gw = opts.grid.shape
+    scores = np.zeros((stop - start, gh, gw), dtype=np.float64)
+    ok = np.zeros(stop - start, dtype=bool)
+    n_obj = np.zeros(stop - start, dtype=np.int64)
+    issues: Counter = Counter()
+    for k, i in enumerate(range(start, stop)):
+        h, w = int(aset.heights[i]), int(aset.widths[i])
+        if h < gh or w < gw:
+            issues["image smaller than the token grid"] += 1
+            continue
+        fg, valid, n, iss = aset.mask_fn(i, crowd=opts.crowd, difficult=opts.difficult)
+        issues.update(iss)
+        if fg is None:
+            continue
+        counts = cell_pixel_counts(fg, (gh, gw))
+        if valid is None:
+            total = cell_sizes(h, w, (gh, gw))
+        else:
+            total = cell_pixel_counts(valid, (gh, gw))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores[k] = np.where(total > 0, counts / np.maximum(total, 1), 0.0)
+        ok[k] = True
+        n_obj[k] = n
+    return start, scores, ok, n_obj, issues
+
+
+def compute_mask_scores(
+    aset: AnnotationSet, opts: LabelOptions, workers: int = 1, progress: Progress | None = None,
+    chunk: int = 256,
+):
+    """(N, gh, gw) FG pixel fractions, a success flag per image, objects per image, issues."""
+    n = aset.n_images
+    gh, gw = opts.grid.shape
+    scores = np.zeros((n, gh, gw), dtype=np.float64)
+    ok = np.zeros(n, dtype=bool)
+    n_obj = np.zeros(n, dtype=np.int64)
+    issues: Counter = Counter()
+    ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    _JOB["aset"], _JOB["opts"] = aset, opts
+    try:
+        if workers > 1 and len(ranges) > 1:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            with ctx.Pool(workers) as pool:
+                results = pool.imap_unordered(_mask_range, ranges)
+                for res in results:
+                    _merge_mask_result(res, scores, ok, n_obj, issues, progress, n)
+        else:
+            for r in ranges:
+                _merge_mask_result(_mask_range(r), scores, ok, n_obj, issues, progress, n)
+    finally:
+        _JOB.clear()
+    return scores, ok, n_obj, issues
+
+
+def _merge_mask_result(res, scores, ok, n_obj, issues, progress, n):
+    start, s, o, no, iss = res
+    stop = start + len(s)
+    scores[start:stop], ok[start:stop], n_obj[start:stop] = s, o, no
+    issues.update(iss)
+    if progress:
+        progress(stop - start, n)
+
+
+def label_dataset(
+    aset: AnnotationSet,
+    opts: LabelOptions,
+    out: str | Path,
+    workers: int = 1,
+    progress: Progress | None = None,
+    extra_meta: dict | None = None,
+) -> LabelSummary:
+    """Label every image of ``aset`` and write the labels parquet atomically to ``out``."""
+    opts.validate()
+    t0 = time.perf_counter()
+    skipped = Counter(aset.skipped)
+    n = aset.n_images
+    if opts.source == "boxes":
+        scores, n_obj, used = compute_box_scores(aset, opts)
+        ok = np.ones(n, dtype=bool)
+        if progress:
+            progress(n, n)
+    else:
+        if aset.mask_fn is None:
+            raise OptionError(f"{aset.kind} dataset was opened without masks")
+        scores, ok, n_obj, issues = compute_mask_scores(aset, opts, workers, progress)
+        skipped.update(issues)
+        used = int(n_obj[ok].sum())
+    if not ok.any():
+        raise InputFileError(aset.source_files[0], "no image could be labelled (" +
+                             ", ".join(f"{k}: {v}" for k, v in skipped.items() if v) + ")")
+    fg = threshold_scores(scores, opts.threshold, opts.comparison)
+    idx = np.flatnonzero(ok)
+    meta = {
+        "format": FORMAT,
+        "bavit_version": __version__,
+        "dataset": aset.kind,
+        "options": opts.as_dict(),
+        "threshold": opts.threshold,
+        "comparison": opts.comparison,
+        "grid_shape": list(opts.grid.shape),
+        "source_sha256": _source_hash(aset.source_files),
+        "source_files": [str(p) for p in aset.source_files[:1]] + (
+            [f"... {len(aset.source_files)} files"] if len(aset.source_files) > 1 else []),
+        "images_dir": str(aset.images_dir) if aset.images_dir else None,
+        "categories": {str(k): v for k, v in aset.categories.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if extra_meta:
+        meta.update(extra_meta)
+    write_labels(
+        out,
+        image_ids=aset.image_ids[idx],
+        file_names=[aset.file_names[i] for i in idx],
+        widths=aset.widths[idx],
+        heights=aset.heights[idx],
+        grids=fg[idx],
+        scores=scores[idx],
+        n_objects=n_obj[idx],
+        meta=meta,
+    )
+    frac = fg[idx].reshape(len(idx), -1).mean(axis=1)
+    return LabelSummary(
+        out=Path(out),
+        images_listed=aset.images_listed,
+        images_labelled=int(len(idx)),
+        annotations_used=used,
+        skipped={k: int(v) for k, v in skipped.items() if v},
+        notes={k: int(v) for k, v in aset.notes.items() if v},
+        fg_fraction_mean=float(frac.mean()),
+        fg_fraction_median=float(np.median(frac)),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _source_hash(files: list[Path]) -> str:
+    if len(files) == 1:
+        return sha256_file(files[0])
+    digests = "".join(f"{p.name}:{sha256_file(p)}\n" for p in files)
+    return sha256_bytes(digests.encode())
+
+
+# --------------------------------------------------------------------------- parquet I/O
+def write_labels(out, *, image_ids, file_names, widths, heights, grids, scores, n_objects, meta) -> None:
+    n, gh, gw = grids.shape
+    m = gh * gw
+    table = pa.table(
+        {
+            "image_id": pa.array(np.asarray(image_ids, dtype=np.int64)),
+            "file_name": pa.array(list(file_names), type=pa.string()),
+            "width": pa.array(np.asarray(widths, dtype=np.int32)),
+            "height": pa.array(np.asarray(heights, dtype=np.int32)),
+            "grid_h": pa.array(np.full(n, gh, dtype=np.int16)),
+            "grid_w": pa.array(np.full(n, gw, dtype=np.int16)),
+            "fg": pa.FixedSizeListArray.from_arrays(pa.array(grids.reshape(-1).astype(bool)), m),
+            "scores": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ascontiguousarray(scores, dtype=np.float64).reshape(-1)), m),
+            "fg_fraction": pa.array(grids.reshape(n, -1).mean(axis=1).astype(np.float32)),
+            "n_objects": pa.array(np.asarray(n_objects, dtype=np.int32)),
+        }
+    )
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_parquet_table(path, kind: str) -> tuple[pa.Table, dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(p, f"{kind} file not found")
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputFileError(p, f"not a readable parquet file ({str(exc).splitlines()[0]})") from None
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise InputFileError(p, f"not a bavit {kind} file (no bavit metadata)")
+    return table, json.loads(raw)
+
+
+def fixed_list_to_numpy(col: pa.ChunkedArray, shape: tuple[int, ...], dtype) -> np.ndarray:
+    arr = col.combine_chunks()
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return flat.astype(dtype, copy=False).reshape((len(arr),) + tuple(shape))
+
+
+def read_labels(path, threshold: float | None = None) -> Labels:
+    """Read a labels parquet. ``threshold`` re-derives the FG grids from the scores."""
+    table, meta = read_parquet_table(path, "labels")
+    if not str(meta.get("format", "")).startswith("bavit-labels/"):
+        raise InputFileError(path, f"not a labels file (format {meta.get('format')!r})")
+    gh, gw = meta["grid_shape"]
+    scores = fixed_list_to_numpy(table["scores"], (gh, gw), np.float64)
+    if threshold is None:
+        grids = fixed_list_to_numpy(table["fg"], (gh, gw), bool)
+    else:
+        if not 0.0 <= threshold <= 1.0:
+            raise OptionError(f"label threshold must be in [0, 1], got {threshold}")
+        grids = threshold_scores(scores, threshold, meta["comparison"])
+        meta = dict(meta, threshold=threshold)
+    return Labels(
+        image_ids=table["image_id"].to_numpy(),
+        file_names=table["file_name"].to_pylist(),
+        widths=table["width"].to_numpy().astype(np.int64),
+        heights=table["height"].to_numpy().astype(np.int64),
+        grids=grids,
+        scores=scores,
+        n_objects=table["n_objects"].to_numpy().astype(np.int64),
+        meta=meta,
+    )

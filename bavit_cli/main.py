@@ -8,7 +8,10 @@ import typer
 from bavit_core import __version__
 
 from . import label as _label
+from . import postprocess as _postprocess
+from . import predict as _predict
 from . import synth as _synth
+from . import train as _train
 
 app = typer.Typer(
     name="bavit",
@@ -41,6 +44,9 @@ def _root(
 COMMANDS = {
     "synth": _synth.synth,
     "label": _label.label,
+    "train": _train.train,
+    "predict": _predict.predict,
+    "postprocess": _postprocess.postprocess,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)

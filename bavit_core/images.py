@@ -1,0 +1,86 @@
+"""Image decoding, resizing and an in-memory cache of resized uint8 images."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import InputFileError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def load_image(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode to RGB uint8 (H, W, 3); stretch-resize (bilinear) to ``size`` = (h, w)."""
+    return load_image_sized(path, size)[0]
+
+
+def load_image_sized(path: Path, size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like :func:`load_image`, also returning the original (h, w)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            orig = (im.size[1], im.size[0])
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8), orig
+    except FileNotFoundError:
+        raise InputFileError(path, "image not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputFileError(path, f"unreadable image ({type(exc).__name__})") from None
+
+
+def list_images(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def resolve_paths(images_dir: Path, file_names: Sequence[str]) -> tuple[list[Path], list[int]]:
+    """Paths of the files that exist and the indices of the missing ones."""
+    present = set(os.listdir(images_dir)) if images_dir.is_dir() else set()
+    paths, missing = [], []
+    for k, n in enumerate(file_names):
+        if n in present or (images_dir / n).is_file():
+            paths.append(images_dir / n)
+        else:
+            missing.append(k)
+    return paths, missing
+
+
+def load_images(
+    paths: Sequence[Path], size: tuple[int, int], workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Decode and resize all images into one (N, h, w, 3) uint8 array.
+
+    PIL releases the GIL while decoding and resizing, so threads scale across cores.
+    """
+    out = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)
+    n_threads = workers if workers > 0 else min(4, os.cpu_count() or 1)
+
+    def one(k):
+        out[k] = load_image(paths[k], size)
+        return k
+
+    with ThreadPoolExecutor(max_workers=n_threads) as ex:
+        for _ in ex.map(one, range(len(paths))):
+            if progress:
+                progress(1, len(paths))
+    return out
+
+
+def to_input(batch_u8, mean, std, device=None):
+    """(B, h, w, 3) uint8 (numpy or tensor) → normalised float (B, 3, h, w) tensor."""
+    import torch
+
+    x = torch.as_tensor(batch_u8)
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(m).div_(s)

@@ -1,0 +1,387 @@
+"""Training BAViT: Accumulative Cross Entropy, Adam + step LR, resumable, DDP-ready.
+
+Determinism: the shuffling and flips of epoch e come from a generator seeded with
+(seed, e), drawn for the whole dataset before sharding, so (1) a resumed run ends with
+the same weights as an uninterrupted one, and (2) N processes with batch b see the same
+samples per step as one process with batch N·b.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .errors import BavitError, InputFileError, OptionError
+from .fileio import atomic_path, atomic_write_text
+from .images import load_images, resolve_paths, to_input
+from .labels import Labels, read_labels
+from .metrics import COUNT_KEYS, token_metrics
+from .model import CONFIG_FILE, LAST_FILE, MODEL_FILE, BAViT, ModelConfig, create_bavit, read_state_dict, save_weights
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDiverged(BavitError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainOptions:
+    labels: str
+    images: str | None = None
+    val_labels: str | None = None
+    val_images: str | None = None
+    val_fraction: float = 0.1
+    label_threshold: float | None = None
+    depth: int = 2
+    pretrained: str | None = None
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    step_size: int = 30
+    gamma: float = 0.1
+    fg_weight: float = 1.0
+    clip_grad: float = 1.0
+    flip: bool = True
+    seed: int = 0
+    workers: int = 0
+    amp: bool = True
+    device: str = "auto"
+    out: str = "runs/bavit"
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise OptionError("--epochs must be at least 1")
+        if self.batch_size < 1:
+            raise OptionError("--batch-size must be at least 1")
+        if not self.lr > 0:
+            raise OptionError("--lr must be positive")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise OptionError("--val-fraction must be in [0, 1)")
+        if self.fg_weight <= 0:
+            raise OptionError("--fg-weight must be positive")
+        if self.step_size < 1:
+            raise OptionError("--step-size must be at least 1")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError("--device cuda asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, h, w, 3) uint8, resized
+    grids: np.ndarray  # (N, gh, gw) bool
+    image_ids: np.ndarray
+
+
+def _images_dir(labels: Labels, given: str | None, labels_path: str) -> Path:
+    if given:
+        return Path(given)
+    d = labels.meta.get("images_dir")
+    if not d:
+        raise OptionError(f"{labels_path} does not record its image directory: pass --images DIR")
+    return Path(d)
+
+
+def load_split(labels_path: str, images: str | None, cfg: ModelConfig, threshold: float | None,
+               workers: int = 0, progress=None) -> tuple[Split, dict]:
+    labels = read_labels(labels_path, threshold=threshold)
+    if labels.grid_shape != cfg.grid_shape:
+        raise OptionError(
+            f"{labels_path}: label grid {labels.grid_shape} does not match the model grid {cfg.grid_shape} "
+            f"(input {cfg.input_h}x{cfg.input_w}, patch {cfg.patch})")
+    img_dir = _images_dir(labels, images, labels_path)
+    if not img_dir.is_dir():
+        raise InputFileError(img_dir, "image directory not found")
+    paths, missing = resolve_paths(img_dir, labels.file_names)
+    if missing:
+        keep = np.setdiff1d(np.arange(len(labels)), missing)
+        labels = labels.subset(keep)
+    if len(labels) == 0:
+        raise InputFileError(img_dir, f"none of the {len(missing)} images listed in {labels_path} is there")
+    arr = load_images(paths, (cfg.input_h, cfg.input_w), workers, progress)
+    return Split(arr, labels.grids, labels.image_ids), {"missing_images": len(missing), "meta": labels.meta}
+
+
+class _Dist:
+    """torchrun / DDP context: rank, world size, reductions."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        self.owns_group = False
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng([seed, epoch])
+    return g.permutation(n), g.random(n) < 0.5
+
+
+def acc_loss(logits: torch.Tensor, target: torch.Tensor, fg_weight: float) -> torch.Tensor:
+    """Accumulative Cross Entropy (paper eq. 3): mean per-token CE over all tokens of the batch.
+    ``fg_weight`` != 1 weights FG tokens' CE (normalised by the weight sum)."""
+    flat = logits.reshape(-1, 2).float()
+    t = target.reshape(-1).long()
+    if fg_weight == 1.0:
+        return F.cross_entropy(flat, t)
+    w = torch.tensor([1.0, fg_weight], device=flat.device)
+    return F.cross_entropy(flat, t, weight=w)
+
+
+def _batch(split: Split, idx: np.ndarray, flips: np.ndarray | None, cfg: ModelConfig, device):
+    x = to_input(split.images[idx], cfg.mean, cfg.std, device)
+    y = torch.as_tensor(split.grids[idx], device=device)
+    if flips is not None:
+        f = torch.as_tensor(flips[idx], device=device)
+        if f.any():
+            x[f] = x[f].flip(-1)
+            y[f] = y[f].flip(-1)
+    return x, y
+
+
+def _counts(logits, y, loss_sum):
+    pred = logits.argmax(-1).reshape(y.shape).bool()
+    yb = y.bool()
+    return [
+        float((pred & yb).sum()), float((pred & ~yb).sum()),
+        float((~pred & yb).sum()), float((~pred & ~yb).sum()), float(loss_sum),
+    ]
+
+
+def _summarise(c: list[float]) -> dict:
+    tp, fp, fn, tn, loss_sum = c
+    m = token_metrics(tp, fp, fn, tn)
+    m["loss"] = loss_sum / max(tp + fp + fn + tn, 1)
+    return m
+
+
+@torch.no_grad()
+def evaluate(model, split: Split, cfg: ModelConfig, batch_size: int, device, dist: _Dist, fg_weight=1.0, amp=False):
+    model.eval()
+    idx = np.arange(len(split.grids))[dist.rank::dist.world]
+    c = [0.0] * 5
+    for s in range(0, len(idx), batch_size):
+        b = idx[s:s + batch_size]
+        x, y = _batch(split, b, None, cfg, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = acc_loss(logits, y, fg_weight) * y.numel()
+        c = [a + b_ for a, b_ in zip(c, _counts(logits, y, loss.item()))]
+    return _summarise(dist.sum(c))
+
+
+def _resume_state(out: Path):
+    cfg_path = out / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise InputFileError(out, "cannot resume: not a bavit run directory (config.json missing)")
+    if not (out / STATE_FILE).is_file() or not (out / LAST_FILE).is_file():
+        raise InputFileError(out, "cannot resume: the run has no completed epoch yet")
+    return json.loads(cfg_path.read_text())
+
+
+def train_bavit(
+    opts: TrainOptions,
+    resume: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict:
+    """Train (or resume) a BAViT run in ``opts.out``; returns the final summary."""
+    out = Path(opts.out)
+    if resume:
+        doc = _resume_state(out)
+        saved = TrainOptions(**doc["train"])
+        if opts.epochs > 0:  # a resumed run may be extended
+            saved.epochs = opts.epochs
+        saved.out, saved.device, saved.workers = str(out), opts.device, opts.workers
+        opts = saved
+    opts.validate()
+    device = resolve_device(opts.device)
+    dist = _Dist(device)
+    try:
+        return _train(opts, resume, device, dist, on_step, on_epoch, on_stage)
+    finally:
+        dist.close()
+
+
+def _train(opts, resume, device, dist, on_step, on_epoch, on_stage):
+    out = Path(opts.out)
+    lab_meta = read_labels(opts.labels).meta
+    g = lab_meta["options"]["grid"]
+    torch.manual_seed(opts.seed)
+    if resume:
+        cfg = ModelConfig.from_dict(json.loads((out / CONFIG_FILE).read_text())["model"])
+        model = BAViT(cfg)
+    else:
+        model = create_bavit(opts.depth, (g["input_h"], g["input_w"]), g["patch"], opts.pretrained)
+        cfg = model.cfg
+    model.to(device)
+    if on_stage:
+        on_stage("loading images")
+    train_split, info = load_split(opts.labels, opts.images, cfg, opts.label_threshold, opts.workers)
+    if opts.val_labels:
+        val_split, vinfo = load_split(opts.val_labels, opts.val_images or opts.images, cfg,
+                                      opts.label_threshold, opts.workers)
+    elif opts.val_fraction > 0 and len(train_split.grids) >= 2:
+        perm = np.random.default_rng([opts.seed, 12345]).permutation(len(train_split.grids))
+        n_val = max(1, int(round(len(perm) * opts.val_fraction)))
+        vi, ti = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        val_split = Split(train_split.images[vi], train_split.grids[vi], train_split.image_ids[vi])
+        train_split = Split(train_split.images[ti], train_split.grids[ti], train_split.image_ids[ti])
+    else:
+        val_split = None
+    n = len(train_split.grids)
+    per_rank = n // dist.world
+    if per_rank == 0:
+        raise OptionError(f"{n} training images cannot be shared by {dist.world} processes")
+    steps_per_epoch = math.ceil(per_rank / opts.batch_size)
+
+    ddp_model = model
+    if dist.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optim = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(optim, step_size=opts.step_size, gamma=opts.gamma)
+    amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    start_epoch, best = 0, -1.0
+    rows: list[dict] = []
+    if resume:
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(read_state_dict(out / LAST_FILE))
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        rows = [r for r in _read_rows(out) if r["epoch"] < start_epoch]
+    elif dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_config(out, opts, cfg, lab_meta, info, len(train_split.grids),
+                      0 if val_split is None else len(val_split.grids), dist.world)
+        _write_rows(out, [])
+    dist.barrier()
+
+    for epoch in range(start_epoch, opts.epochs):
+        t0 = time.perf_counter()
+        ddp_model.train()
+        perm, flips = epoch_order(opts.seed, epoch, n)
+        if not opts.flip:
+            flips = None
+        mine = perm[: per_rank * dist.world][dist.rank::dist.world] if dist.enabled else perm
+        c = [0.0] * 5
+        for s in range(0, len(mine), opts.batch_size):
+            b = mine[s:s + opts.batch_size]
+            x, y = _batch(train_split, b, flips, cfg, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = ddp_model(x)
+            loss = acc_loss(logits, y, opts.fg_weight)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, step "
+                    f"{s // opts.batch_size + 1}; try a lower --lr or --clip-grad")
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
+            optim.step()
+            c = [a + b_ for a, b_ in zip(c, _counts(logits.detach(), y, loss.item() * y.numel()))]
+            if on_step:
+                on_step(1, steps_per_epoch)
+        sched.step()
+        row = {"epoch": epoch, "lr": optim.param_groups[0]["lr"]}
+        row.update({f"train_{k}": v for k, v in _summarise(dist.sum(c)).items()})
+        if val_split is not None:
+            row.update({f"val_{k}": v for k, v in evaluate(model, val_split, cfg, opts.batch_size, device, dist,
+                                                            opts.fg_weight, amp).items()})
+        row["seconds"] = time.perf_counter() - t0
+        row["images_per_s"] = n / row["seconds"]
+        score = row.get("val_accuracy", row["train_accuracy"])
+        if dist.main:
+            improved = score > best
+            if improved:
+                best = score
+                save_weights(model, out / MODEL_FILE, {"epoch": epoch, "score": score})
+            row["best"] = improved
+            save_weights(model, out / LAST_FILE, {"epoch": epoch})
+            rows.append(row)
+            _write_rows(out, rows)
+            with atomic_path(out / STATE_FILE) as tmp:
+                torch.save({"epoch": epoch, "best": best, "optimizer": optim.state_dict(),
+                            "scheduler": sched.state_dict()}, tmp)
+        dist.barrier()
+        if on_epoch:
+            on_epoch(row)
+    return {"out": str(out), "epochs": opts.epochs, "best_score": best, "rows": rows,
+            "train_images": n, "val_images": 0 if val_split is None else len(val_split.grids),
+            "pretrained": cfg.pretrained, "world_size": dist.world}
+
+
+def _write_config(out, opts, cfg, lab_meta, info, n_train, n_val, world):
+    doc = {
+        "bavit_version": __version__,
+        "torch_version": torch.__version__,
+        "model": asdict(cfg),
+        "init": f"pretrained from {cfg.pretrained}" if cfg.pretrained else "random init (no --pretrained given)",
+        "train": asdict(opts),
+        "labels_meta": {k: lab_meta.get(k) for k in ("format", "dataset", "options", "threshold", "comparison",
+                                                    "source_sha256", "images_dir")},
+        "data": {"train_images": n_train, "val_images": n_val, "missing_images": info["missing_images"],
+                 "world_size": world},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    atomic_write_text(out / CONFIG_FILE, json.dumps(doc, indent=2, default=str))
+
+
+def _read_rows(out: Path) -> list[dict]:
+    p = out / METRICS_FILE
+    if not p.is_file():
+        return []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+
+def _write_rows(out: Path, rows: list[dict]) -> None:
+    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    """The per-epoch rows of a run's metrics.jsonl."""
+    return _read_rows(Path(run))

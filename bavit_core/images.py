@@ -28,7 +28,7 @@ def load_image_sized(path: Path, size: tuple[int, int] | None = None) -> tuple[n
             orig = (im.size[1], im.size[0])
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8), orig
+            return np.array(im, dtype=np.uint8), orig
     except FileNotFoundError:
         raise InputFileError(path, "image not found") from None
     except (UnidentifiedImageError, OSError) as exc:

@@ -10,6 +10,7 @@ from bavit_core import __version__
 from . import label as _label
 from . import postprocess as _postprocess
 from . import predict as _predict
+from . import prune_eval as _prune_eval
 from . import synth as _synth
 from . import train as _train
 
@@ -47,6 +48,7 @@ COMMANDS = {
     "train": _train.train,
     "predict": _predict.predict,
     "postprocess": _postprocess.postprocess,
+    "prune-eval": _prune_eval.prune_eval_cmd,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)

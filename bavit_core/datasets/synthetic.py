@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import OptionError
 from ..fileio import atomic_path, atomic_write_text
 
-CLASSES = ("triangle", "rectangle", "ellipse", "star", "hexagon")
+from ..synth_classes import CLASS_NAMES as CLASSES
 TEXTURES = ("grass", "gravel", "brick", "moon", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 FORMATS = ("coco", "voc")
 _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)

@@ -1,0 +1,107 @@
+"""Ground truth in COCO form, detections from YOLOS outputs, and pycocotools COCOeval."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import torch
+
+from .datasets import AnnotationSet
+from .errors import BavitError
+
+STAT_NAMES = ("map", "map50", "map75", "map_s", "map_m", "map_l")
+
+
+def coco_ground_truth(aset: AnnotationSet, image_ids, category_map: dict[int, int] | None = None):
+    """A pycocotools COCO object for ``image_ids``.
+
+    COCO datasets use their own file (segmentation areas, crowd flags as published); VOC
+    boxes become COCO annotations with area = box area, ``difficult`` objects marked
+    ``iscrowd`` so COCOeval ignores them, as the VOC protocol does. ``category_map`` maps
+    the dataset's category ids to the detector's label ids.
+    """
+    from pycocotools.coco import COCO
+
+    wanted = set(int(i) for i in image_ids)
+    if aset.kind == "coco":
+        import json
+
+        doc = json.loads(aset.source_files[0].read_bytes())
+        images = [im for im in doc["images"] if im.get("id") in wanted]
+        anns = [a for a in doc["annotations"] if a.get("image_id") in wanted and isinstance(a.get("bbox"), list)]
+        cats = doc.get("categories") or [{"id": c} for c in sorted({a["category_id"] for a in anns})]
+    else:
+        pos = {int(iid): k for k, iid in enumerate(aset.image_ids)}
+        images = [{"id": int(i), "file_name": aset.file_names[pos[int(i)]], "width": int(aset.widths[pos[int(i)]]),
+                   "height": int(aset.heights[pos[int(i)]])} for i in sorted(wanted)]
+        anns = []
+        for k in range(len(aset.boxes)):
+            iid = int(aset.image_ids[aset.box_image[k]])
+            if iid not in wanted:
+                continue
+            x0, y0, x1, y1 = aset.boxes[k].tolist()
+            cat = int(aset.box_category[k])
+            anns.append({"id": len(anns) + 1, "image_id": iid, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "area": (x1 - x0) * (y1 - y0), "iscrowd": int(aset.box_difficult[k]),
+                         "category_id": category_map.get(cat, -1) if category_map else cat})
+        ids = sorted({a["category_id"] for a in anns} | set((category_map or {}).values()))
+        cats = [{"id": c, "name": str(c)} for c in ids if c >= 0]
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": cats}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def detections_from_outputs(logits: torch.Tensor, boxes: torch.Tensor, image_ids, widths, heights,
+                            label_to_category=None) -> list[dict]:
+    """COCO result dicts: every detection token's best non-"no object" class and its box,
+    scaled from the normalised (cx, cy, w, h) of the stretched input to original pixels."""
+    prob = logits.float().softmax(-1)[..., :-1]
+    scores, labels = prob.max(-1)
+    b = boxes.float()
+    out = []
+    sc, lb, bx = scores.cpu().numpy(), labels.cpu().numpy(), b.cpu().numpy()
+    for i, iid in enumerate(image_ids):
+        W, H = float(widths[i]), float(heights[i])
+        cx, cy, w, h = bx[i, :, 0] * W, bx[i, :, 1] * H, bx[i, :, 2] * W, bx[i, :, 3] * H
+        for d in range(len(sc[i])):
+            cat = int(lb[i, d]) if label_to_category is None else label_to_category.get(int(lb[i, d]), -1)
+            if cat < 0:
+                continue
+            out.append({"image_id": int(iid), "category_id": cat,
+                        "bbox": [float(cx[d] - w[d] / 2), float(cy[d] - h[d] / 2), float(w[d]), float(h[d])],
+                        "score": float(sc[i, d])})
+    return out
+
+
+def evaluate_detections(gt, detections: list[dict], image_ids) -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl from pycocotools COCOeval (bbox), as fractions."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:
+        return {k: 0.0 for k in STAT_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(detections)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = sorted(int(i) for i in image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = [max(float(v), 0.0) if v != -1 else float("nan") for v in ev.stats[:6]]
+    return dict(zip(STAT_NAMES, stats))
+
+
+def voc_category_map(aset: AnnotationSet, id2label: dict) -> dict[int, int]:
+    """Map VOC class ids (by name) to the detector's label ids."""
+    by_name = {str(v).lower(): int(k) for k, v in id2label.items()}
+    out, missing = {}, []
+    for cid, name in aset.categories.items():
+        if name.lower() in by_name:
+            out[cid] = by_name[name.lower()]
+        else:
+            missing.append(name)
+    if not out:
+        raise BavitError(f"the detector's labels share no class name with the VOC classes ({', '.join(missing[:5])} ...)")
+    return out

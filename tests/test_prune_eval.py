@@ -1,0 +1,125 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import YolosForObjectDetection
+
+from bavit_core.datasets import open_dataset
+from bavit_core.detector import tiny_yolos_config
+from bavit_core.errors import OptionError
+from bavit_core.grid import GridSpec
+from bavit_core.labels import LabelOptions, label_dataset
+from bavit_core.prune_eval import CSV_COLUMNS, parse_thresholds
+from bavit_core.synth_classes import CLASS_NAMES
+from bavit_core.train import TrainOptions, train_bavit
+
+from .cli_helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def setup(coco_synth, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pe")
+    aset = open_dataset("coco", root=coco_synth, split="val2017", need_masks=True)
+    label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(64, 64, 16)), d / "val.parquet")
+    aset = open_dataset("coco", root=coco_synth, split="train2017", need_masks=True)
+    label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(64, 64, 16)), d / "train.parquet")
+    train_bavit(TrainOptions(labels=str(d / "train.parquet"), epochs=2, batch_size=8, out=str(d / "run")))
+    torch.manual_seed(0)
+    cfg = tiny_yolos_config("nano", num_labels=len(CLASS_NAMES) + 1, image_size=(64, 64),
+                            id2label={0: "N/A", **{i + 1: n for i, n in enumerate(CLASS_NAMES)}})
+    YolosForObjectDetection(cfg).save_pretrained(d / "det")
+    return d
+
+
+def run_pe(setup, coco_synth, out, *extra):
+    return run_cli("prune-eval", "--detector", setup / "det", "--model", setup / "run", "--root", coco_synth,
+                   "--split", "val2017", "--labels", setup / "val.parquet", "--detector-size", "64",
+                   "--timing-images", "2", "--timing-repeats", "1", "--out", out, *extra)
+
+
+def test_thresholds_parse():
+    assert parse_thresholds("0.3:0.9") == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert parse_thresholds("0.2:0.6:0.2") == [0.2, 0.4, 0.6]
+    assert parse_thresholds("0.5,0.3") == [0.3, 0.5]
+    with pytest.raises(OptionError, match="is an empty range"):
+        parse_thresholds("0.9:0.3")
+    with pytest.raises(OptionError, match=r"must lie in \[0, 1\]; got 1.2"):
+        parse_thresholds("0.5,1.2")
+    with pytest.raises(OptionError, match="cannot read --thresholds"):
+        parse_thresholds("low")
+
+
+def test_prune_eval_rows_columns_and_invariants(setup, coco_synth, tmp_path):
+    code, out, err = run_pe(setup, coco_synth, tmp_path / "res", "--thresholds", "0.3,0.7", "--batch-size", "3")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "res" / "results.csv")))
+    assert list(rows[0].keys()) == list(CSV_COLUMNS)
+    assert [(r["selector"], r["threshold"]) for r in rows] == [
+        ("dense", "nan"), ("bavit", "0.3"), ("bavit", "0.7"), ("oracle", "nan"), ("random", "0.3"), ("random", "0.7")]
+    dense = rows[0]
+    assert float(dense["sparsity"]) == 0 and float(dense["speedup"]) == 1 and float(dense["token_reduction_pct"]) == 0
+    meta = json.loads((tmp_path / "res" / "meta.json").read_text())
+    ps = meta["per_image_sparsity"]
+    # random keeps exactly as many tokens per image as bavit at the same threshold
+    assert ps["random_0.30"] == ps["bavit_0.30"] and ps["random_0.70"] == ps["bavit_0.70"]
+    # a higher BG threshold prunes less
+    assert float(rows[2]["sparsity"]) <= float(rows[1]["sparsity"])
+    for r in rows:
+        assert 0 <= float(r["map"]) <= 1 and int(r["n_images"]) == 10 and r["batch_size"] == "3"
+        assert (tmp_path / "res" / "detections").is_dir()
+    dets = json.loads((tmp_path / "res" / "detections" / "dense.json").read_text())
+    assert len(dets) == 10 * 10 and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
+    assert float(rows[1]["bavit_tokens"]) == 2 * 16 and float(rows[3]["bavit_tokens"]) == 0
+
+
+def test_dense_detections_equal_the_hf_model_and_batching_does_not_change_results(setup, coco_synth, tmp_path):
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "b1", "--thresholds", "0.5", "--batch-size", "1",
+                          "--selectors", "dense,bavit")
+    assert code == 0, err
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "b4", "--thresholds", "0.5", "--batch-size", "4",
+                          "--selectors", "dense,bavit")
+    assert code == 0, err
+    for name in ("dense.json", "bavit_0.50.json"):
+        a = json.loads((tmp_path / "b1" / "detections" / name).read_text())
+        b = json.loads((tmp_path / "b4" / "detections" / name).read_text())
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x["category_id"] == y["category_id"]
+            np.testing.assert_allclose(x["bbox"] + [x["score"]], y["bbox"] + [y["score"]], atol=1e-4)
+    from bavit_core.detector import load_detector
+    from bavit_core.images import load_image, to_input
+    from bavit_core.prune_eval import YOLOS_MEAN, YOLOS_STD
+    det = load_detector(str(setup / "det"))
+    first = json.loads((tmp_path / "b1" / "detections" / "dense.json").read_text())[:10]
+    doc = json.loads((coco_synth / "annotations/instances_val2017.json").read_text())
+    im = next(i for i in doc["images"] if i["id"] == first[0]["image_id"])
+    x = to_input(load_image(coco_synth / "val2017" / im["file_name"], (64, 64))[None], YOLOS_MEAN, YOLOS_STD)
+    with torch.no_grad():
+        ref = det(pixel_values=x)
+    score = ref.logits.softmax(-1)[0, :, :-1].max(-1).values
+    np.testing.assert_allclose([d["score"] for d in first], score.numpy(), atol=1e-4)
+
+
+def test_voc_prune_eval_maps_classes_by_name(setup, voc_synth, tmp_path):
+    code, out, err = run_cli("prune-eval", "--detector", setup / "det", "--dataset", "voc", "--root", voc_synth,
+                             "--split", "val", "--selectors", "dense", "--detector-size", "64",
+                             "--timing-images", "0", "--out", tmp_path / "voc")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "voc" / "results.csv")))
+    assert rows[0]["selector"] == "dense" and int(rows[0]["n_images"]) == 8
+
+
+def test_prune_eval_bad_input(setup, coco_synth, tmp_path):
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "x", "--thresholds", "0.9:0.1")
+    assert (code, err.strip()) == (1, "Error: --thresholds '0.9:0.1' is an empty range")
+    code, _, err = run_cli("prune-eval", "--detector", setup / "det", "--root", coco_synth, "--split", "val2017",
+                           "--selectors", "bavit", "--out", tmp_path / "y")
+    assert (code, err.strip()) == (1, "Error: selector 'bavit' needs --model")
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "z", "--split", "train2017", "--selectors", "oracle")
+    assert code == 1 and "has no labels for 30 of the 30 images" in err
+    code, _, err = run_cli("prune-eval", "--detector", tmp_path / "nodet", "--root", coco_synth, "--out", tmp_path / "w")
+    assert (code, err.strip()) == (1, f"Error: {tmp_path / 'nodet'}: detector directory not found "
+                                      "(expected a Hugging Face model directory)")
+    assert not (tmp_path / "w").exists()

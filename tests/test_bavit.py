@@ -125,7 +125,13 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(small_labels, 
     common = ["--labels", small_labels / "train2017.parquet", "--val-labels", small_labels / "val2017.parquet",
               "--epochs", "2", "--lr", "1e-3", "--seed", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    import socket
+
+    with socket.socket() as sock:  # a free port, so reruns never meet a socket in TIME_WAIT
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port),
            "-m", "bavit_cli", "train", *map(str, common), "--batch-size", "4", "--out", str(tmp_path / "ddp")]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

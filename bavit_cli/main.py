@@ -7,6 +7,7 @@ import typer
 
 from bavit_core import __version__
 
+from . import finetune as _finetune
 from . import label as _label
 from . import postprocess as _postprocess
 from . import predict as _predict
@@ -49,6 +50,7 @@ COMMANDS = {
     "predict": _predict.predict,
     "postprocess": _postprocess.postprocess,
     "prune-eval": _prune_eval.prune_eval_cmd,
+    "finetune": _finetune.finetune,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)

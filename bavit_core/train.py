@@ -25,6 +25,7 @@ from .fileio import atomic_path, atomic_write_text
 from .images import load_images, resolve_paths, to_input
 from .labels import Labels, read_labels
 from .metrics import COUNT_KEYS, token_metrics
+from .distributed import Dist as _Dist
 from .model import CONFIG_FILE, LAST_FILE, MODEL_FILE, BAViT, ModelConfig, create_bavit, read_state_dict, save_weights
 
 STATE_FILE = "state.pt"
@@ -119,40 +120,6 @@ def load_split(labels_path: str, images: str | None, cfg: ModelConfig, threshold
     return Split(arr, labels.grids, labels.image_ids), {"missing_images": len(missing), "meta": labels.meta}
 
 
-class _Dist:
-    """torchrun / DDP context: rank, world size, reductions."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        self.owns_group = False
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
-            self.owns_group = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float]) -> list[float]:
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self):
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def close(self):
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
-
-
 def epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     g = np.random.default_rng([seed, epoch])
     return g.permutation(n), g.random(n) < 0.5
@@ -237,7 +204,7 @@ def train_bavit(
         saved.out, saved.device, saved.workers = str(out), opts.device, opts.workers
         opts = saved
     opts.validate()
-    device = resolve_device(opts.device)
+    device = _Dist.local_device(resolve_device(opts.device))
     dist = _Dist(device)
     try:
         return _train(opts, resume, device, dist, on_step, on_epoch, on_stage)

@@ -1,0 +1,78 @@
+"""``bavit finetune``: sparse fine-tuning of YOLOS, or a small YOLOS from scratch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bavit_core.finetune import FinetuneOptions, finetune as run_finetune
+from bavit_core.grid import parse_size
+
+from .common import cli_command, console, progress_bar
+
+
+@cli_command
+def finetune(
+    detector: Optional[str] = typer.Option(None, "--detector", help="YOLOS to fine-tune: HF hub name or local directory."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Build a new YOLOS with random weights."),
+    detector_config: str = typer.Option("micro", "--detector-config", help="With --from-scratch: tiny, micro or nano."),
+    num_detection_tokens: Optional[int] = typer.Option(None, "--det-tokens", help="With --from-scratch: detection tokens."),
+    dataset: str = typer.Option("coco", "--dataset", help="coco or voc."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Dataset root."),
+    split: Optional[str] = typer.Option(None, "--split", help="Training split [default: val2017 (COCO), val (VOC)]."),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="COCO instances JSON (instead of --root)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image directory that goes with --ann."),
+    val_split: Optional[str] = typer.Option(None, "--val-split", help="Validation split under --root."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of the validation split (oracle selector)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Hold-out share when no --val-split."),
+    selector: str = typer.Option("none", "--selector", help="Tokens kept in training: none (dense), oracle or bavit."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels parquet of the training images (oracle)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="BAViT run (bavit selector)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="BAViT: a token is pruned when its BG probability >= this."),
+    detector_size: str = typer.Option("512", "--detector-size", help="Detector input size, N or HxW."),
+    epochs: int = typer.Option(30, "--epochs", help="Epochs (with --resume: extend to this many)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per step and per process."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
+    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warm-up length in epochs."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine or step."),
+    clip_grad: float = typer.Option(0.1, "--clip-grad", help="Gradient norm clipping (0 = off)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N training images."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    out: Path = typer.Option(Path("detectors/yolos-F"), "--out", help="Output directory (HF layout)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+) -> None:
+    """Train YOLOS on FG tokens only (sparse fine-tuning), or a small YOLOS from scratch.
+
+    \b
+    Example:
+        bavit finetune --detector hustvl/yolos-tiny --root coco --split train2017 --selector oracle --labels train.parquet --epochs 30 --out detectors/yolos-tiny-F
+        bavit finetune --from-scratch --detector-config micro --root data/shapes --split train2017 --detector-size 192 --out detectors/shapes
+    """
+    opts = FinetuneOptions(
+        dataset=dataset, root=str(root) if root else None, split=split, ann=str(ann) if ann else None,
+        images=str(images) if images else None, val_split=val_split, val_labels=str(val_labels) if val_labels else None,
+        val_fraction=val_fraction, detector=detector, from_scratch=from_scratch, detector_config=detector_config,
+        num_detection_tokens=num_detection_tokens, detector_size=parse_size(detector_size), selector=selector,
+        labels=str(labels) if labels else None, model=str(model) if model else None, threshold=threshold,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        schedule=schedule, clip_grad=clip_grad, seed=seed, max_images=max_images, device=device, out=str(out),
+    )
+    main = os.environ.get("RANK", "0") == "0"
+
+    def on_epoch(row):
+        if main:
+            v = f"  val mAP {row['val_map']:.4f}  AP50 {row['val_map50']:.4f}" if "val_map" in row else ""
+            console.print(f"epoch {row['epoch'] + 1:>3}  loss {row['train_loss']:.4f} (ce {row['train_loss_ce']:.3f} "
+                          f"L1 {row['train_loss_bbox']:.3f} giou {row['train_loss_giou']:.3f}){v}  "
+                          f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}", highlight=False)
+
+    with progress_bar("finetune") as step:
+        r = run_finetune(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch)
+    if main:
+        sp = "" if r["train_sparsity"] is None else f", training sparsity {r['train_sparsity']:.3f}"
+        console.print(f"Trained {r['epochs']} epochs on {r['train_images']} images ({r['val_images']} val){sp}. "
+                      f"Best detector in {r['out']} (last in {r['out']}/last).", highlight=False)

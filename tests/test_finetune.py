@@ -1,0 +1,85 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bavit_core.datasets import open_dataset
+from bavit_core.detector import load_detector
+from bavit_core.errors import OptionError
+from bavit_core.finetune import FinetuneOptions, finetune
+from bavit_core.grid import GridSpec
+from bavit_core.labels import LabelOptions, label_dataset
+from bavit_core.model import read_state_dict
+
+from .cli_helpers import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base(coco_synth, out, **kw):
+    d = dict(root=str(coco_synth), split="train2017", from_scratch=True, detector_config="nano",
+             detector_size=(64, 64), epochs=2, batch_size=8, lr=2e-4, out=str(out))
+    d.update(kw)
+    return FinetuneOptions(**d)
+
+
+def test_from_scratch_writes_an_hf_detector_that_prune_eval_loads(coco_synth, tmp_path):
+    r = finetune(base(coco_synth, tmp_path / "det"))
+    det = load_detector(str(tmp_path / "det"))
+    assert det.config.num_labels == 6 and det.config.id2label[1] == "triangle"
+    assert (tmp_path / "det" / "last" / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "det" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    for k in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "val_map", "val_map50"):
+        assert k in rows[0]
+    assert r["train_images"] == 27 and r["val_images"] == 3
+
+
+def test_sparse_finetune_with_oracle_tokens_and_exact_resume(coco_synth, tmp_path):
+    aset = open_dataset("coco", root=coco_synth, split="train2017", need_masks=True)
+    label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(96, 96, 16)), tmp_path / "l.parquet")
+    opts = dict(selector="oracle", labels=str(tmp_path / "l.parquet"), epochs=3)
+    r = finetune(base(coco_synth, tmp_path / "full", **opts))
+    assert 0 < r["train_sparsity"] < 1
+
+    def stop(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(base(coco_synth, tmp_path / "cut", **opts), on_epoch=stop)
+    code, _, err = run_cli("finetune", "--resume", "--out", tmp_path / "cut")
+    assert code == 0, err
+    a = read_state_dict(tmp_path / "full" / "last" / "model.safetensors")
+    b = read_state_dict(tmp_path / "cut" / "last" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_finetune_bad_options(coco_synth, tmp_path):
+    with pytest.raises(OptionError, match="--selector oracle needs --labels PARQUET"):
+        finetune(base(coco_synth, tmp_path / "x", selector="oracle"))
+    code, _, err = run_cli("finetune", "--root", coco_synth, "--out", tmp_path / "y")
+    assert (code, err.strip()) == (1, "Error: give --detector NAME|DIR to fine-tune, or --from-scratch --detector-config NAME")
+    code, _, err = run_cli("finetune", "--resume", "--out", tmp_path / "nothing")
+    assert code == 1 and "cannot resume" in err
+
+
+def test_finetune_under_torchrun_two_processes(coco_synth, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "bavit_cli", "finetune", "--from-scratch", "--detector-config", "nano",
+           "--root", str(coco_synth), "--split", "train2017", "--detector-size", "64", "--epochs", "1",
+           "--batch-size", "4", "--out", str(tmp_path / "ddp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("epoch   1") == 1
+    assert load_detector(str(tmp_path / "ddp")).config.model_type == "yolos"

@@ -7,11 +7,13 @@ import typer
 
 from bavit_core import __version__
 
+from . import demo as _demo
 from . import finetune as _finetune
 from . import label as _label
 from . import postprocess as _postprocess
 from . import predict as _predict
 from . import prune_eval as _prune_eval
+from . import report as _report
 from . import synth as _synth
 from . import train as _train
 
@@ -51,6 +53,8 @@ COMMANDS = {
     "postprocess": _postprocess.postprocess,
     "prune-eval": _prune_eval.prune_eval_cmd,
     "finetune": _finetune.finetune,
+    "report": _report.report,
+    "demo": _demo.demo,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)

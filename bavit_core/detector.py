@@ -39,7 +39,9 @@ LAYOUTS = ("pack", "pad")
 def load_detector(name_or_path: str, device="cpu"):
     """YolosForObjectDetection from a local HF directory or a hub name (needs a network)."""
     from transformers import YolosForObjectDetection
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     p = Path(name_or_path)
     looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:
@@ -59,7 +61,22 @@ def load_detector(name_or_path: str, device="cpu"):
         raise InputFileError(name_or_path, f"not a YOLOS detector ({str(exc).splitlines()[0][:160]})") from None
     if model.config.model_type != "yolos":
         raise InputFileError(name_or_path, f"not a YOLOS detector (model_type {model.config.model_type!r})")
-    return model.to(device).eval()
+    return model.float().to(device).eval()  # weights may be stored in half precision
+
+
+def export_detector(src: str, dest: str | Path, half: bool = True) -> Path:
+    """Copy a detector to ``dest`` in HF layout, in fp16 by default (half the size; it is
+    loaded back as fp32)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    m = load_detector(src)
+    if half:
+        m = m.half()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    m.save_pretrained(dest)
+    return dest
 
 
 def detector_grid(model, size: tuple[int, int]) -> tuple[int, int]:

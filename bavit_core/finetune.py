@@ -249,6 +249,9 @@ def evaluate_map(model, data: _Data, gt, batch_size, device, dist: Dist, label_t
 
 def _save_hf(model, dest: Path):
     """save_pretrained into a temp dir beside ``dest``, then swap files in atomically."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=dest.parent if dest.parent.exists() else None))
     try:

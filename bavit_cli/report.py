@@ -1,0 +1,39 @@
+"""``bavit report``: tables, figures and an index.html from results and runs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from bavit_core.errors import OptionError
+from bavit_core.report import ReportInputs, build_report
+
+from .common import cli_command, console
+
+
+@cli_command
+def report(
+    results: Optional[Path] = typer.Option(None, "--results", help="Results directory from bavit prune-eval."),
+    train_run: Optional[List[Path]] = typer.Option(None, "--train-run", help="BAViT run directory (repeatable)."),
+    pred: Optional[Path] = typer.Option(None, "--pred", help="Predictions parquet (overlays, sparse images)."),
+    refined: Optional[Path] = typer.Option(None, "--refined", help="Post-processed predictions (before/after figure)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image directory of --pred [default: recorded in it]."),
+    finetune_run: Optional[Path] = typer.Option(None, "--finetune-run", help="Detector run from bavit finetune."),
+    examples: int = typer.Option(6, "--examples", help="Images in the example figures."),
+    out: Path = typer.Option(Path("report"), "--out", help="Report directory."),
+) -> None:
+    """Write Table-1/Table-2 CSV and Markdown, PNG figures and a static index.html.
+
+    \b
+    Example:
+        bavit report --results results/ --train-run runs/bavit-small --pred preds.parquet --refined refined.parquet --out report/
+    """
+    if not (results or train_run or pred):
+        raise OptionError("nothing to report: give --results, --train-run or --pred")
+    r = build_report(ReportInputs(results=str(results) if results else None,
+                                  train_runs=[str(t) for t in (train_run or [])], pred=str(pred) if pred else None,
+                                  refined=str(refined) if refined else None, images=str(images) if images else None,
+                                  finetune_run=str(finetune_run) if finetune_run else None, n_examples=examples,
+                                  out=str(out)))
+    console.print(f"Wrote {len(r['tables'])} tables and {len(r['figures'])} figures; open {r['out']}/index.html")

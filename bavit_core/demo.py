@@ -1,0 +1,131 @@
+"""The whole pipeline on a generated dataset, in one call: synth → label → train BAViT →
+predict + post-process → (shipped or retrained) detector → prune-eval → report."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from .datasets import open_dataset
+from .datasets.synthetic import synth_dataset
+from .errors import BavitError
+from .grid import GridSpec
+from .labels import LabelOptions, label_dataset
+from .predict import postprocess_predictions, predict
+from .prune_eval import PruneEvalOptions, prune_eval
+from .report import ReportInputs, build_report
+from .train import TrainOptions, read_metrics, train_bavit
+
+BAVIT_SIZE = 192
+DETECTOR_SIZE = 192
+
+
+def shipped_detector() -> Path:
+    """The demo detector that ships with the package (HF layout)."""
+    p = Path(str(resources.files("bavit_core") / "assets" / "demo_detector"))
+    if not (p / "config.json").is_file():
+        raise BavitError(f"{p}: the shipped demo detector is missing from this installation; "
+                         "run `bavit demo --train-detector` to train one")
+    return p
+
+
+@dataclass
+class DemoOptions:
+    out: str = "demo"
+    quick: bool = False
+    train_detector: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+    @property
+    def settings(self) -> dict:
+        if self.quick:
+            return dict(images=120, epochs=8, thresholds=[0.5, 0.9], timing_images=8, timing_repeats=3,
+                        det_epochs=3, batch=8)
+        return dict(images=400, epochs=20, thresholds=[0.3, 0.5, 0.7, 0.9], timing_images=16, timing_repeats=5,
+                    det_epochs=40, batch=8)
+
+
+STAGES = ("synth", "label", "train", "predict", "detector", "prune-eval", "report")
+
+
+def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = None,
+             progress_for: Callable[[str], Callable[[int, int], None] | None] | None = None) -> dict:
+    """Run every stage under ``opts.out``; ``on_stage(name, message)`` reports each stage's
+    result, ``progress_for(name)`` may return a progress callback for it."""
+    say = on_stage or (lambda s, m: None)
+    prog = progress_for or (lambda s: None)
+    st = opts.settings
+    out = Path(opts.out)
+    data = out / "data"
+    t0 = time.perf_counter()
+    times = {}
+
+    def done(stage, msg, t):
+        times[stage] = time.perf_counter() - t
+        say(stage, f"{msg} ({times[stage]:.0f} s)")
+
+    t = time.perf_counter()
+    s = synth_dataset(data, st["images"], "coco", opts.seed, (240, 320), 0.25, prog("synth"))
+    done("synth", f"{sum(s.splits.values())} images, {s.objects} objects", t)
+
+    t = time.perf_counter()
+    lo = LabelOptions(source="masks", grid=GridSpec(BAVIT_SIZE, BAVIT_SIZE, 16))
+    fg = []
+    for split in ("train2017", "val2017"):
+        aset = open_dataset("coco", root=data, split=split, need_masks=True)
+        r = label_dataset(aset, lo, out / f"labels_{split}.parquet")
+        fg.append(r.fg_fraction_mean)
+    done("label", f"mask labels on a 12x12 grid, FG fraction {fg[0]:.2f} (train) / {fg[1]:.2f} (val)", t)
+
+    t = time.perf_counter()
+    run = out / "bavit-small"
+    train_bavit(TrainOptions(labels=str(out / "labels_train2017.parquet"), val_labels=str(out / "labels_val2017.parquet"),
+                             depth=2, epochs=st["epochs"], batch_size=32, lr=1e-3, step_size=max(2, int(st["epochs"] * 0.7)),
+                             seed=opts.seed, device=opts.device, out=str(run)),
+                on_step=prog("train"))
+    best = max(read_metrics(run), key=lambda r: r["val_accuracy"])
+    done("train", f"BAViT-small val token accuracy {best['val_accuracy']:.3f}, FG recall {best['val_recall']:.3f}", t)
+
+    t = time.perf_counter()
+    p = predict(run, out / "preds.parquet", labels=out / "labels_val2017.parquet", device=opts.device)
+    pp = postprocess_predictions(out / "preds.parquet", out / "refined.parquet", steps=3)
+    done("predict", f"val accuracy {p['metrics']['accuracy']:.3f}, sparsity {p['sparsity']:.2f}; "
+                    f"3 clean-up steps: FG recall {pp['history'][0]['fg_recall']:.3f} → {pp['history'][-1]['fg_recall']:.3f}", t)
+
+    t = time.perf_counter()
+    if opts.train_detector:
+        from .finetune import FinetuneOptions, finetune
+
+        det = out / "detector"
+        finetune(FinetuneOptions(root=str(data), split="train2017", val_split="val2017", from_scratch=True,
+                                 detector_config="micro", num_detection_tokens=10,
+                                 detector_size=(DETECTOR_SIZE, DETECTOR_SIZE), epochs=st["det_epochs"], batch_size=16,
+                                 lr=3e-4, seed=opts.seed, device=opts.device, out=str(det)), on_step=prog("detector"))
+        done("detector", f"trained from scratch in {det}", t)
+    else:
+        det = shipped_detector()
+        done("detector", f"shipped demo detector ({det.name}, trained by bavit finetune --from-scratch)", t)
+
+    t = time.perf_counter()
+    res = prune_eval(PruneEvalOptions(
+        detector=str(det), root=str(data), split="val2017", model=str(run), labels=str(out / "labels_val2017.parquet"),
+        thresholds=st["thresholds"], batch_size=st["batch"], detector_size=(DETECTOR_SIZE, DETECTOR_SIZE),
+        timing_images=st["timing_images"], timing_repeats=st["timing_repeats"], device=opts.device, seed=opts.seed,
+        out=str(out / "results")), prog("prune-eval"))
+    rows = res["rows"]
+    dense = next(r for r in rows if r["selector"] == "dense")
+    bav = [r for r in rows if r["selector"] == "bavit"]
+    mid = bav[len(bav) // 2] if bav else dense
+    done("prune-eval", f"dense mAP {dense['map']:.3f}; BAViT thr {mid['threshold']:.2f}: sparsity {mid['sparsity']:.2f}, "
+                       f"mAP {mid['map']:.3f}, detector speedup {mid['detector_speedup']:.2f}x", t)
+
+    t = time.perf_counter()
+    rep = build_report(ReportInputs(results=str(out / "results"), train_runs=[str(run)], pred=str(out / "preds.parquet"),
+                                    refined=str(out / "refined.parquet"),
+                                    finetune_run=str(det) if opts.train_detector else None, out=str(out / "report")))
+    done("report", f"{len(rep['figures'])} figures", t)
+    return {"out": str(out), "report": str(out / "report" / "index.html"), "rows": rows, "bavit_best": best,
+            "seconds": time.perf_counter() - t0, "times": times}

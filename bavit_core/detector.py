@@ -272,6 +272,23 @@ def tiny_yolos_config(name: str = "tiny", num_labels: int = 91, image_size=(512,
     return cfg
 
 
+def init_new_yolos(model, seed: int = 0) -> None:
+    """Initialise what transformers leaves at zero in a YOLOS built from a config: the CLS
+    token, the detection tokens and the (mid-layer) position embeddings. The original YOLOS
+    draws them from a truncated normal (std 0.02); left at zero, patch tokens carry no
+    position and all detection tokens start identical, and from-scratch training stalls
+    (the class loss sat at its chance level for thousands of steps in our runs)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = model.vit.embeddings
+    params = [emb.cls_token, emb.detection_tokens, emb.position_embeddings]
+    interp = getattr(model.vit.encoder, "interpolation", None)
+    if interp is not None:
+        params.append(interp.mid_position_embeddings)
+    with torch.no_grad():
+        for p in params:
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).clamp_(-0.04, 0.04))
+
+
 def yolos_macs(n_tokens: float, hidden: int, mlp: int, layers: int) -> float:
     """Encoder MACs for n tokens: per layer 4·N·d² (qkv, proj) + 2·N·d·mlp + 2·N²·d (attention).
     With mlp = 4d this is the familiar 12·N·d² + 2·N²·d."""

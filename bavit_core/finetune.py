@@ -24,7 +24,7 @@ import torch
 from . import __version__
 from .cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections, voc_category_map
 from .datasets import AnnotationSet, open_dataset
-from .detector import load_detector, pruned_forward, tiny_yolos_config
+from .detector import init_new_yolos, load_detector, pruned_forward, tiny_yolos_config
 from .distributed import Dist
 from .errors import BavitError, InputFileError, OptionError
 from .fileio import atomic_path, atomic_write_text
@@ -190,7 +190,9 @@ def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None):
         cfg = tiny_yolos_config(opts.detector_config, num_labels=n_labels, image_size=tuple(opts.detector_size),
                                 id2label=id2label, label2id={v: k for k, v in id2label.items()}, **over)
         torch.manual_seed(opts.seed)
-        return YolosForObjectDetection(cfg).to(device)
+        model = YolosForObjectDetection(cfg)
+        init_new_yolos(model, opts.seed)
+        return model.to(device)
     model = load_detector(opts.detector, device)
     model.train()
     return model

@@ -192,7 +192,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
         probs = np.zeros((n,) + bavit.cfg.grid_shape, dtype=np.float32)
     # decode once: detector-size inputs for all rows, BAViT-size inputs for BAViT
     stage("decoding images")
-    det_u8 = np.empty((n, det_hw[0], det_hw[1], 3), dtype=np.uint8)
+    det_u8 = _image_store(n, det_hw, Path(opts.out))
     for s in range(0, n, chunk):
         from PIL import Image
 
@@ -281,6 +281,20 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     _write_outputs(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start)
     return {"out": str(out), "rows": results, "n_images": n, "missing_images": len(missing),
             "seconds": time.perf_counter() - t_start}
+
+
+def _image_store(n: int, hw, out: Path, limit: int = 2 << 30) -> np.ndarray:
+    """(n, h, w, 3) uint8 for the decoded detector inputs: in memory, or a memory-mapped
+    temporary file beside the results when it would exceed ``limit`` bytes (COCO val at
+    512² is 3.9 GB). The file is unlinked at once, so it disappears with the array."""
+    shape = (n, hw[0], hw[1], 3)
+    if n * hw[0] * hw[1] * 3 <= limit:
+        return np.empty(shape, dtype=np.uint8)
+    import tempfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".images-", suffix=".u8") as f:
+        return np.memmap(f.name, dtype=np.uint8, mode="w+", shape=shape)
 
 
 def _device_name(device) -> str:

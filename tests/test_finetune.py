@@ -40,6 +40,21 @@ def test_from_scratch_writes_an_hf_detector_that_prune_eval_loads(coco_synth, tm
     assert r["train_images"] == 27 and r["val_images"] == 3
 
 
+def test_new_yolos_gets_random_tokens_and_positions():
+    from transformers import YolosForObjectDetection
+
+    from bavit_core.detector import init_new_yolos, tiny_yolos_config
+
+    m = YolosForObjectDetection(tiny_yolos_config("nano", num_labels=3, image_size=(64, 64)))
+    emb = m.vit.embeddings
+    assert emb.position_embeddings.abs().max() == 0  # what transformers leaves
+    init_new_yolos(m, seed=1)
+    for p in (emb.cls_token, emb.detection_tokens, emb.position_embeddings):
+        assert 0.01 < p.std().item() < 0.03 and p.abs().max().item() <= 0.04
+    d = emb.detection_tokens[0]
+    assert torch.cdist(d, d).fill_diagonal_(1).min() > 0  # no two detection tokens alike
+
+
 def test_sparse_finetune_with_oracle_tokens_and_exact_resume(coco_synth, tmp_path):
     aset = open_dataset("coco", root=coco_synth, split="train2017", need_masks=True)
     label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(96, 96, 16)), tmp_path / "l.parquet")

@@ -16,6 +16,7 @@ from .errors import InputFileError
 from .fileio import atomic_write_text
 from .prune_eval import read_results
 
+WIDE_FIGURES = ("overlay_", "sparse_images", "postprocess", "detections")
 MODEL_NAMES = {"bavit": "BAViT+YOLOS", "oracle": "Oracle+YOLOS", "random": "Random+YOLOS", "dense": "YOLOS"}
 
 
@@ -301,7 +302,7 @@ h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid 
 table{border-collapse:collapse;font-size:.8rem;margin:.5rem 0;display:block;overflow-x:auto}
 th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right;white-space:nowrap}th{background:#f4f4f4}
 tr:nth-child(even) td{background:#fafafa}.figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:1.2rem}
-figure{margin:0;border:1px solid #eee;padding:.6rem;border-radius:6px}figure img{width:100%}figcaption{font-size:.8rem;color:#555}
+figure{margin:0;border:1px solid #eee;padding:.6rem;border-radius:6px}figure img{width:100%}figcaption{font-size:.8rem;color:#555}figure.wide{grid-column:1/-1}
 .meta{font-size:.8rem;color:#666}"""
 
 
@@ -317,7 +318,8 @@ def _write_index(out: Path, tables: dict, figs: list, inp: ReportInputs, meta: d
     if figs:
         parts.append("<h2>Figures</h2><div class='figs'>")
         for f, t, c in figs:
-            parts.append(f"<figure><img src='{f}' alt='{html.escape(t)}'><figcaption><b>{html.escape(t)}.</b> "
+            wide = " class='wide'" if f.startswith(WIDE_FIGURES) else ""
+            parts.append(f"<figure{wide}><img src='{f}' alt='{html.escape(t)}'><figcaption><b>{html.escape(t)}.</b> "
                          f"{html.escape(c)}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</body></html>")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 from typing import Callable, Iterator
 
 import typer
@@ -71,6 +70,3 @@ def kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
 def print_table(table: Table) -> None:
     console.print(table)
 
-
-def is_ci() -> bool:
-    return not sys.stdout.isatty()

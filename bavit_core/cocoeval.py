@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import io
 
-import numpy as np
 import torch
 
 from .datasets import AnnotationSet

@@ -26,7 +26,7 @@ from .cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detec
 from .datasets import AnnotationSet, open_dataset
 from .detector import init_new_yolos, load_detector, pruned_forward, tiny_yolos_config
 from .distributed import Dist
-from .errors import BavitError, InputFileError, OptionError
+from .errors import InputFileError, OptionError
 from .fileio import atomic_path, atomic_write_text
 from .grid import resample_grid
 from .images import load_image_sized, resolve_paths, to_input

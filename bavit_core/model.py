@@ -7,7 +7,7 @@ weights; nothing is unpickled when loading weights.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

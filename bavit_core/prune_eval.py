@@ -26,7 +26,7 @@ from .datasets import open_dataset
 from .detector import LAYOUTS, detector_grid, load_detector, pruned_forward
 from .errors import InputFileError, OptionError
 from .fileio import atomic_write_text, sha256_file
-from .grid import parse_size, resample_grid
+from .grid import resample_grid
 from .images import load_image_sized, resolve_paths, to_input
 from .labels import read_labels
 from .model import load_bavit
@@ -174,7 +174,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
                               f"(e.g. image id {absent[0]}); label the same split")
         oracle = resample_grid(lab.grids[[pos[int(i)] for i in ids]], dgrid, opts.resample)
 
-    label_to_cat, cat_map = None, None  # detections carry the detector label id (== COCO category id)
+    cat_map = None  # detections carry the detector label id (== COCO category id)
     if aset.kind == "voc":
         cat_map = voc_category_map(aset, det.config.id2label)
     gt = coco_ground_truth(aset, ids, cat_map)
@@ -247,8 +247,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
                     keep = None
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
                     out = pruned_forward(det, x, keep, layout=layout)
-                row.detections += detections_from_outputs(out.logits, out.pred_boxes, ids[sl], widths[sl], heights[sl],
-                                                          label_to_cat)
+                row.detections += detections_from_outputs(out.logits, out.pred_boxes, ids[sl], widths[sl], heights[sl])
                 if progress:
                     progress(sl.stop - sl.start, total_work)
 

@@ -280,8 +280,7 @@ def _detection_figure(inp, rows, meta, out) -> list:
     except Exception:
         return []
     pos = {int(i): k for k, i in enumerate(aset.image_ids)}
-    imgs, ga, gb, grids = [], [], [], []
-    keep = meta.get("per_image_sparsity", {})
+    imgs, ga, gb = [], [], []
     for iid in ids:
         if iid not in pos:
             continue

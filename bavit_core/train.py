@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +23,7 @@ from .errors import BavitError, InputFileError, OptionError
 from .fileio import atomic_path, atomic_write_text
 from .images import load_images, resolve_paths, to_input
 from .labels import Labels, read_labels
-from .metrics import COUNT_KEYS, token_metrics
+from .metrics import token_metrics
 from .distributed import Dist as _Dist
 from .model import CONFIG_FILE, LAST_FILE, MODEL_FILE, BAViT, ModelConfig, create_bavit, read_state_dict, save_weights
 

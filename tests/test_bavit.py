@@ -12,7 +12,7 @@ from bavit_core.datasets import open_dataset
 from bavit_core.errors import BavitError, InputFileError, OptionError
 from bavit_core.grid import GridSpec
 from bavit_core.labels import LabelOptions, label_dataset
-from bavit_core.model import create_bavit, load_bavit, load_vit_weights, read_state_dict
+from bavit_core.model import create_bavit, load_bavit, read_state_dict
 from bavit_core.predict import read_predictions
 from bavit_core.train import TrainOptions, TrainingDiverged, read_metrics, train_bavit
 

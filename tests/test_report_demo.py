@@ -1,9 +1,7 @@
 import csv
-import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -66,7 +66,6 @@ def main():
         # a BAViT grid at 24x24 with the target sparsity, upsampled to 32x32 like prune-eval does
         g24 = torch.stack([torch.rand(576, generator=g) >= si for si in ss]).reshape(b, 24, 24).to(dev)
         ri = ((2 * torch.arange(32) + 1) * 24) // 64
-        thr = torch.quantile(torch.rand(b, 576, generator=g), 0.35).item()
 
         def full():
             p = bav.fg_prob(xb)  # the real BAViT compute; its decision is replaced by g24 for a fixed sparsity

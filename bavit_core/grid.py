@@ -183,6 +183,12 @@ def cell_sizes(h: int, w: int, grid_shape: tuple[int, int]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- resampling
+def nearest_index(src: int, dst: int) -> np.ndarray:
+    """For each of ``dst`` target cells along an axis, the source cell (of ``src``) that
+    contains its centre."""
+    return ((2 * np.arange(dst) + 1) * src) // (2 * dst)
+
+
 def resample_grid(grid: np.ndarray, shape: tuple[int, int], mode: str = "nearest") -> np.ndarray:
     """Resample (..., gh, gw) grids to (..., H, W) keeping relative positions.
 
@@ -195,8 +201,7 @@ def resample_grid(grid: np.ndarray, shape: tuple[int, int], mode: str = "nearest
     if (gh, gw) == (th, tw):
         return grid.copy()
     if mode == "nearest":
-        ri = ((2 * np.arange(th) + 1) * gh) // (2 * th)
-        ci = ((2 * np.arange(tw) + 1) * gw) // (2 * tw)
+        ri, ci = nearest_index(gh, th), nearest_index(gw, tw)
         return grid[..., ri[:, None], ci[None, :]]
     if mode == "any":
         g = grid.astype(bool)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import BavitError, InputFileError, OptionError
+from .grid import GridSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,14 +39,13 @@ class ModelConfig:
     def validate(self) -> None:
         if self.depth < 1:
             raise OptionError(f"--depth must be at least 1, got {self.depth}")
-        if self.input_h % self.patch or self.input_w % self.patch:
-            raise OptionError(f"input size {self.input_h}x{self.input_w} is not divisible by patch size {self.patch}")
+        GridSpec(self.input_h, self.input_w, self.patch)  # raises on sizes not divisible by the patch
         if self.embed_dim % self.num_heads:
             raise OptionError("embed dim must be divisible by the number of heads")
 
     @property
     def grid_shape(self) -> tuple[int, int]:
-        return (self.input_h // self.patch, self.input_w // self.patch)
+        return GridSpec(self.input_h, self.input_w, self.patch).shape
 
     @property
     def n_tokens(self) -> int:

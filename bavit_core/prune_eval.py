@@ -26,7 +26,7 @@ from .datasets import open_dataset
 from .detector import LAYOUTS, detector_grid, load_detector, pruned_forward
 from .errors import InputFileError, OptionError
 from .fileio import atomic_write_text, sha256_file
-from .grid import resample_grid
+from .grid import nearest_index, resample_grid
 from .images import load_image_sized, resolve_paths, to_input
 from .labels import read_labels
 from .model import load_bavit
@@ -356,10 +356,9 @@ def _time_row(det, bavit, row, t_idx, det_u8, files, opts, device, dtype, layout
 
 
 def _resample_torch(g: torch.Tensor, shape) -> torch.Tensor:
-    gh, gw = g.shape[-2:]
-    th, tw = shape
-    ri = ((2 * torch.arange(th, device=g.device) + 1) * gh) // (2 * th)
-    ci = ((2 * torch.arange(tw, device=g.device) + 1) * gw) // (2 * tw)
+    """resample_grid(mode="nearest") on a (B, gh, gw) tensor, staying on its device."""
+    ri = torch.as_tensor(nearest_index(g.shape[-2], shape[0]), device=g.device)
+    ci = torch.as_tensor(nearest_index(g.shape[-1], shape[1]), device=g.device)
     return g[:, ri][:, :, ci]
 
 

@@ -123,3 +123,12 @@ def test_prune_eval_bad_input(setup, coco_synth, tmp_path):
     assert (code, err.strip()) == (1, f"Error: {tmp_path / 'nodet'}: detector directory not found "
                                       "(expected a Hugging Face model directory)")
     assert not (tmp_path / "w").exists()
+
+
+def test_timed_path_resamples_like_the_evaluated_path():
+    from bavit_core.grid import resample_grid
+    from bavit_core.prune_eval import _resample_torch
+
+    g = np.random.default_rng(0).random((3, 24, 24)) < 0.4
+    for shape in ((32, 32), (12, 12), (24, 24), (20, 30)):
+        assert np.array_equal(_resample_torch(torch.as_tensor(g), shape).numpy(), resample_grid(g, shape))

@@ -32,7 +32,7 @@ def finetune(
     model: Optional[Path] = typer.Option(None, "--model", help="BAViT run (bavit selector)."),
     threshold: float = typer.Option(0.5, "--threshold", help="BAViT: a token is pruned when its BG probability >= this."),
     detector_size: str = typer.Option("512", "--detector-size", help="Detector input size, N or HxW."),
-    epochs: int = typer.Option(30, "--epochs", help="Epochs (with --resume: extend to this many)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [default: 30; with --resume: the run's own, or extend it to N]."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per step and per process."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
@@ -58,7 +58,7 @@ def finetune(
         val_fraction=val_fraction, detector=detector, from_scratch=from_scratch, detector_config=detector_config,
         num_detection_tokens=num_detection_tokens, detector_size=parse_size(detector_size), selector=selector,
         labels=str(labels) if labels else None, model=str(model) if model else None, threshold=threshold,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        epochs=epochs if epochs is not None or resume else FinetuneOptions.epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         schedule=schedule, clip_grad=clip_grad, seed=seed, max_images=max_images, device=device, out=str(out),
     )
     main = os.environ.get("RANK", "0") == "0"

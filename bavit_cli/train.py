@@ -28,7 +28,7 @@ def train(
     label_threshold: Optional[float] = typer.Option(None, "--label-threshold", help="Re-threshold label scores."),
     depth: int = typer.Option(2, "--depth", help="Transformer blocks: 2 = BAViT-small, 10 = BAViT-large."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help="timm model name or local weights file [default: random init]."),
-    epochs: int = typer.Option(100, "--epochs", help="Epochs (with --resume: extend the run to this many)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [default: 100; with --resume: the run's own, or extend it to N]."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per step and per process."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="Adam weight decay."),
@@ -57,7 +57,7 @@ def train(
         labels=str(labels) if labels else "", images=str(images) if images else None,
         val_labels=str(val_labels) if val_labels else None, val_images=str(val_images) if val_images else None,
         val_fraction=val_fraction, label_threshold=label_threshold, depth=depth, pretrained=pretrained,
-        epochs=epochs if not resume or epochs != 100 else 0, batch_size=batch_size, lr=lr,
+        epochs=epochs if epochs is not None or resume else TrainOptions.epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, step_size=step_size, gamma=gamma, fg_weight=fg_weight, clip_grad=clip_grad,
         flip=flip, seed=seed, workers=workers, amp=amp, device=device, out=str(out),
     )

@@ -53,9 +53,9 @@ def coco_ground_truth(aset: AnnotationSet, image_ids, category_map: dict[int, in
     return gt
 
 
-def detections_from_outputs(logits: torch.Tensor, boxes: torch.Tensor, image_ids, widths, heights,
-                            label_to_category=None) -> list[dict]:
-    """COCO result dicts: every detection token's best non-"no object" class and its box,
+def detections_from_outputs(logits: torch.Tensor, boxes: torch.Tensor, image_ids, widths, heights) -> list[dict]:
+    """COCO result dicts: every detection token's best non-"no object" class (the detector's
+    label id, which is the COCO category id; VOC ground truth is mapped onto those ids) and its box,
     scaled from the normalised (cx, cy, w, h) of the stretched input to original pixels."""
     prob = logits.float().softmax(-1)[..., :-1]
     scores, labels = prob.max(-1)
@@ -66,10 +66,7 @@ def detections_from_outputs(logits: torch.Tensor, boxes: torch.Tensor, image_ids
         W, H = float(widths[i]), float(heights[i])
         cx, cy, w, h = bx[i, :, 0] * W, bx[i, :, 1] * H, bx[i, :, 2] * W, bx[i, :, 3] * H
         for d in range(len(sc[i])):
-            cat = int(lb[i, d]) if label_to_category is None else label_to_category.get(int(lb[i, d]), -1)
-            if cat < 0:
-                continue
-            out.append({"image_id": int(iid), "category_id": cat,
+            out.append({"image_id": int(iid), "category_id": int(lb[i, d]),
                         "bbox": [float(cx[d] - w[d] / 2), float(cy[d] - h[d] / 2), float(w[d]), float(h[d])],
                         "score": float(sc[i, d])})
     return out

@@ -29,7 +29,7 @@ from .distributed import Dist
 from .errors import InputFileError, OptionError
 from .fileio import atomic_path, atomic_write_text
 from .grid import resample_grid
-from .images import load_image_sized, resolve_paths, to_input
+from .images import load_image_sizes, resolve_paths, to_input
 from .labels import read_labels
 from .model import load_bavit
 from .predict import fg_from_probs, infer_probs
@@ -63,7 +63,7 @@ class FinetuneOptions:
     model: str | None = None
     threshold: float = 0.5
     resample: str = "nearest"
-    epochs: int = 30
+    epochs: int | None = 30  # None on resume: keep the run's own
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -90,7 +90,7 @@ class FinetuneOptions:
             raise OptionError("give --detector NAME|DIR to fine-tune, or --from-scratch --detector-config NAME")
         if self.from_scratch and self.detector:
             raise OptionError("--from-scratch builds a new detector: drop --detector")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+        if self.epochs is None or self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise OptionError("--epochs, --batch-size and --lr must be positive")
         if self.schedule not in ("cosine", "step"):
             raise OptionError("--schedule must be cosine or step")
@@ -118,16 +118,19 @@ def _label_map(aset: AnnotationSet, model_cfg=None) -> dict[int, int]:
     return {cid: names.index(n) + 1 for cid, n in aset.categories.items()}
 
 
-def _prepare(aset: AnnotationSet, idx: np.ndarray, size, label_map, keep_fn, paths) -> _Data:
-    from PIL import Image
-
+def _prepare(aset: AnnotationSet, idx: np.ndarray, size, label_map, keep_sel, paths) -> _Data:
+    """Decode each image once: detector-size pixels, box targets, and the kept-token grid
+    (the BAViT selector gets BAViT-size copies from the same decode)."""
+    keep_fn, keep_size = keep_sel if keep_sel else (None, None)
+    sizes = [size] + ([keep_size] if keep_size else [])
     n = len(idx)
     imgs = np.empty((n, size[0], size[1], 3), dtype=np.uint8)
-    originals = []
+    small = np.empty((n, keep_size[0], keep_size[1], 3), dtype=np.uint8) if keep_size else None
     for k, i in enumerate(idx):
-        full, _ = load_image_sized(paths[i])
-        imgs[k] = np.asarray(Image.fromarray(full).resize((size[1], size[0]), Image.BILINEAR))
-        originals.append(full)
+        resized = load_image_sizes(paths[i], sizes)
+        imgs[k] = resized[0]
+        if small is not None:
+            small[k] = resized[1]
     targets = []
     use = ~aset.box_crowd & ~aset.box_difficult
     for i in idx:
@@ -139,18 +142,19 @@ def _prepare(aset: AnnotationSet, idx: np.ndarray, size, label_map, keep_fn, pat
         labels = np.array([label_map.get(int(c), -1) for c in aset.box_category[sel]], dtype=np.int64)
         ok = labels >= 0
         targets.append((labels[ok], cxcywh[ok].astype(np.float32)))
-    keep = keep_fn(idx, originals) if keep_fn else None
+    keep = keep_fn(idx, small) if keep_fn else None
     return _Data(imgs, targets, keep, aset.image_ids[idx], aset.widths[idx], aset.heights[idx])
 
 
 def _keep_fn(opts: FinetuneOptions, aset, grid, device, labels_path):
+    """(function(idx, bavit_inputs) → kept grids, BAViT input size or None), or None for dense."""
     if opts.selector == "none":
         return None
     if opts.selector == "oracle":
         lab = read_labels(labels_path)
         pos = {int(i): k for k, i in enumerate(lab.image_ids)}
 
-        def oracle(idx, _originals):
+        def oracle(idx, _inputs):
             ids = aset.image_ids[idx]
             absent = [int(i) for i in ids if int(i) not in pos]
             if absent:
@@ -158,18 +162,14 @@ def _keep_fn(opts: FinetuneOptions, aset, grid, device, labels_path):
                                   f"(e.g. image id {absent[0]})")
             return resample_grid(lab.grids[[pos[int(i)] for i in ids]], grid, opts.resample)
 
-        return oracle
+        return oracle, None
     bavit = load_bavit(opts.model, device=device)
 
-    def from_bavit(idx, originals):
-        from PIL import Image
-
-        arr = np.stack([np.asarray(Image.fromarray(o).resize((bavit.cfg.input_w, bavit.cfg.input_h), Image.BILINEAR))
-                        for o in originals])
-        probs = infer_probs(bavit, arr, 32, device)
+    def from_bavit(idx, inputs):
+        probs = infer_probs(bavit, inputs, 32, device)
         return resample_grid(fg_from_probs(probs, opts.threshold), grid, opts.resample)
 
-    return from_bavit
+    return from_bavit, (bavit.cfg.input_h, bavit.cfg.input_w)
 
 
 def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None):
@@ -230,7 +230,7 @@ def _batch(data: _Data, b, flips, device):
 
 
 @torch.no_grad()
-def evaluate_map(model, data: _Data, gt, batch_size, device, dist: Dist, label_to_cat=None) -> dict:
+def evaluate_map(model, data: _Data, gt, batch_size, device, dist: Dist) -> dict:
     model.eval()
     dets = []
     idx = np.arange(len(data.ids))[dist.rank::dist.world]
@@ -239,8 +239,7 @@ def evaluate_map(model, data: _Data, gt, batch_size, device, dist: Dist, label_t
         x = to_input(data.images[b], MEAN, STD, device)
         keep = None if data.keep is None else torch.as_tensor(data.keep[b], device=device)
         out = pruned_forward(model, x, keep)
-        dets += detections_from_outputs(out.logits, out.pred_boxes, data.ids[b], data.widths[b], data.heights[b],
-                                        label_to_cat)
+        dets += detections_from_outputs(out.logits, out.pred_boxes, data.ids[b], data.widths[b], data.heights[b])
     if dist.enabled:
         gathered = [None] * dist.world
         torch.distributed.all_gather_object(gathered, dets)
@@ -273,12 +272,11 @@ def finetune(opts: FinetuneOptions, resume: bool = False, on_step: Callable[[int
             raise InputFileError(out, "cannot resume: not an interrupted bavit finetune run")
         saved = json.loads(f.read_text())["options"]
         saved["detector_size"] = tuple(saved["detector_size"])
-        epochs = opts.epochs
-        dev_name = opts.device
+        given = opts
         opts = FinetuneOptions(**saved)
-        if epochs and epochs != 30:
-            opts.epochs = epochs
-        opts.device, opts.out = dev_name, str(out)
+        if given.epochs is not None:  # a resumed run may be extended
+            opts.epochs = given.epochs
+        opts.device, opts.out = given.device, str(out)
     opts.validate()
     device = Dist.local_device(resolve_device(opts.device))
     dist = Dist(device)

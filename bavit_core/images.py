@@ -35,6 +35,16 @@ def load_image_sized(path: Path, size: tuple[int, int] | None = None) -> tuple[n
         raise InputFileError(path, f"unreadable image ({type(exc).__name__})") from None
 
 
+def load_image_sizes(path: Path, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Decode once and stretch-resize (bilinear) to every (h, w) in ``sizes``."""
+    from PIL import Image
+
+    full, _ = load_image_sized(path)
+    im = Image.fromarray(full)
+    return [full if full.shape[:2] == tuple(hw) else np.asarray(im.resize((hw[1], hw[0]), Image.BILINEAR))
+            for hw in sizes]
+
+
 def list_images(folder: Path) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 

@@ -27,7 +27,7 @@ from .detector import LAYOUTS, detector_grid, load_detector, pruned_forward
 from .errors import InputFileError, OptionError
 from .fileio import atomic_write_text, sha256_file
 from .grid import nearest_index, resample_grid
-from .images import load_image_sized, resolve_paths, to_input
+from .images import load_image_sizes, resolve_paths, to_input
 from .labels import read_labels
 from .model import load_bavit
 from .postprocess import refine
@@ -193,16 +193,18 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     # decode once: detector-size inputs for all rows, BAViT-size inputs for BAViT
     stage("decoding images")
     det_u8 = _image_store(n, det_hw, Path(opts.out))
+    sizes = [det_hw] + ([(bavit.cfg.input_h, bavit.cfg.input_w)] if bavit is not None else [])
+    n_timed = min(opts.timing_images, n)
+    bav_timed = []  # BAViT inputs of the timed images, so timing sees what evaluation saw
     for s in range(0, n, chunk):
-        from PIL import Image
-
         bav_batch = []
         for k in range(s, min(s + chunk, n)):
-            full, _ = load_image_sized(files[k])
-            im = Image.fromarray(full)
-            det_u8[k] = np.asarray(im.resize((det_hw[1], det_hw[0]), Image.BILINEAR))
+            resized = load_image_sizes(files[k], sizes)
+            det_u8[k] = resized[0]
             if bavit is not None:
-                bav_batch.append(np.asarray(im.resize((bavit.cfg.input_w, bavit.cfg.input_h), Image.BILINEAR)))
+                bav_batch.append(resized[1])
+                if k < n_timed:
+                    bav_timed.append(resized[1])
         if bavit is not None:
             from .predict import infer_probs
 
@@ -254,7 +256,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     # ---- pass 3: metrics, tokens, timing ---------------------------------------------
     stage("timing")
     n_patches = dgrid[0] * dgrid[1]
-    t_idx = np.arange(min(opts.timing_images, n))
+    t_idx = np.arange(n_timed)
     results = []
     for row in rows:
         sparsity_i = 1.0 - row.keep.reshape(n, -1).mean(axis=1)
@@ -271,7 +273,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
             g += bavit_gflops(bavit.cfg)
         r["gflops"] = g
         r["flop_speedup"] = dense_g / g
-        r.update(_time_row(det, bavit if with_bavit else None, row, t_idx, det_u8, files, opts, device, dtype,
+        r.update(_time_row(det, bavit if with_bavit else None, row, t_idx, det_u8, bav_timed, opts, device, dtype,
                            layout, dgrid))
         r.update(device=_device_name(device), dtype=opts.dtype, batch_size=opts.batch_size, n_images=n)
         results.append(r)
@@ -302,14 +304,12 @@ def _device_name(device) -> str:
     return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
 
 
-def _time_row(det, bavit, row, t_idx, det_u8, files, opts, device, dtype, layout, dgrid) -> dict:
+def _time_row(det, bavit, row, t_idx, det_u8, bav_timed, opts, device, dtype, layout, dgrid) -> dict:
     """Dense YOLOS vs (BAViT +) pruned YOLOS on the first images, batch by batch,
     interleaved in this process; medians per batch summed over the timing set."""
     if len(t_idx) == 0 or opts.timing_repeats < 1:
         return {"latency_ms": float("nan"), "throughput_ips": float("nan"), "dense_latency_ms": float("nan"),
                 "speedup": float("nan"), "detector_speedup": float("nan"), "peak_mem_mb": float("nan")}
-    from PIL import Image
-
     bs = opts.batch_size
     totals = {"dense": 0.0, "pruned": 0.0, "full": 0.0}
     peak = 0.0
@@ -324,9 +324,7 @@ def _time_row(det, bavit, row, t_idx, det_u8, files, opts, device, dtype, layout
         if keep is not None:
             fns["pruned"] = lambda: _pruned(det, x, keep, layout, autocast)
         if bavit is not None:
-            bx = np.stack([np.asarray(Image.fromarray(det_u8[i]).resize((bavit.cfg.input_w, bavit.cfg.input_h),
-                                                                          Image.BILINEAR)) for i in sl])
-            xb = to_input(bx, bavit.cfg.mean, bavit.cfg.std, device)
+            xb = to_input(np.stack([bav_timed[i] for i in sl]), bavit.cfg.mean, bavit.cfg.std, device)
             t = row.threshold
 
             def full():

@@ -45,7 +45,7 @@ class TrainOptions:
     label_threshold: float | None = None
     depth: int = 2
     pretrained: str | None = None
-    epochs: int = 100
+    epochs: int | None = 100  # None on resume: keep the run's own
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -61,7 +61,7 @@ class TrainOptions:
     out: str = "runs/bavit"
 
     def validate(self) -> None:
-        if self.epochs < 1:
+        if self.epochs is None or self.epochs < 1:
             raise OptionError("--epochs must be at least 1")
         if self.batch_size < 1:
             raise OptionError("--batch-size must be at least 1")
@@ -198,7 +198,7 @@ def train_bavit(
     if resume:
         doc = _resume_state(out)
         saved = TrainOptions(**doc["train"])
-        if opts.epochs > 0:  # a resumed run may be extended
+        if opts.epochs is not None:  # a resumed run may be extended
             saved.epochs = opts.epochs
         saved.out, saved.device, saved.workers = str(out), opts.device, opts.workers
         opts = saved

@@ -98,3 +98,18 @@ def test_finetune_under_torchrun_two_processes(coco_synth, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("epoch   1") == 1
     assert load_detector(str(tmp_path / "ddp")).config.model_type == "yolos"
+
+
+def test_sparse_finetune_with_bavit_tokens(coco_synth, tmp_path):
+    from bavit_core.train import TrainOptions, train_bavit
+
+    aset = open_dataset("coco", root=coco_synth, split="train2017", need_masks=True)
+    label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(64, 64, 16)), tmp_path / "l.parquet")
+    train_bavit(TrainOptions(labels=str(tmp_path / "l.parquet"), epochs=1, batch_size=8, out=str(tmp_path / "bavit")))
+    lo = finetune(base(coco_synth, tmp_path / "lo", selector="bavit", model=str(tmp_path / "bavit"),
+                       threshold=0.05, epochs=1))
+    hi = finetune(base(coco_synth, tmp_path / "hi", selector="bavit", model=str(tmp_path / "bavit"),
+                       threshold=1.0, epochs=1))
+    # threshold 1.0 prunes nothing (BG probability < 1); a tiny threshold prunes more
+    assert hi["train_sparsity"] == 0.0
+    assert lo["train_sparsity"] > 0.0

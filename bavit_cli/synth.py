@@ -19,16 +19,20 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Random seed; the output depends only on it."),
     size: str = typer.Option("240x320", "--size", help="Image size HxW (or N for square)."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of images in the val split."),
+    scenes: str = typer.Option("mixed", "--scenes", help="mixed: 1-6 shapes, some touching, overlapping or cut "
+                               "by the border, crowds; simple: 1-3 larger shapes apart and inside the image "
+                               "(for training small detectors from scratch)."),
 ) -> None:
     """Generate a small dataset of textured scenes with shapes (for tests and the demo).
 
     \b
     Example:
         bavit synth --out data/shapes --images 200 --format coco --seed 0
+        bavit synth --out data/det --images 8200 --scenes simple --seed 1
     """
     hw = parse_size(size)
     with progress_bar("synth", images) as progress:
-        s = synth_dataset(out, images, fmt, seed, hw, val_fraction, progress)
+        s = synth_dataset(out, images, fmt, seed, hw, val_fraction, progress, scenes)
     rows = [("format", s.fmt), ("output", s.out)] + [(f"images {k}", v) for k, v in s.splits.items()]
     rows += [("objects", s.objects), ("crowd annotations", s.crowd), ("seconds", f"{s.seconds:.1f}")]
     print_table(kv_table("bavit synth", rows))

@@ -38,6 +38,33 @@ def test_synth_is_deterministic(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
+def test_synth_simple_scenes_keep_shapes_apart_and_inside(tmp_path):
+    import json
+
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    code, _, err = run_cli("synth", "--out", tmp_path, "--images", "30", "--scenes", "simple", "--size", "96",
+                           "--val-fraction", "0")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "annotations/instances_train2017.json").read_text())
+    assert doc["info"]["scenes"] == "simple"
+    per_image = {}
+    for a in doc["annotations"]:
+        assert a["iscrowd"] == 0
+        x, y, w, h = a["bbox"]
+        assert 0 < x and 0 < y and x + w <= 96 and y + h <= 96  # inside, not cut by the border
+        assert w >= 0.12 * 96 * 0.5 or h >= 0.12 * 96 * 0.5
+        per_image.setdefault(a["image_id"], []).append(a)
+    assert len(per_image) == 30 and {len(v) for v in per_image.values()} <= {1, 2, 3}
+    assert max(len(v) for v in per_image.values()) > 1
+    for anns in per_image.values():  # masks never overlap
+        masks = [mask_utils.decode(mask_utils.frPyObjects(a["segmentation"], 96, 96)).max(axis=2) for a in anns]
+        assert np.sum(masks, axis=0).max() <= 1
+    code, _, err = run_cli("synth", "--out", tmp_path / "x", "--scenes", "busy")
+    assert code != 0 and "unknown --scenes 'busy'; choose one of mixed, simple" in err
+
+
 def test_synth_voc_layout(tmp_path):
     code, _, err = run_cli("synth", "--out", tmp_path, "--images", "5", "--format", "voc", "--size", "64x80")
     assert code == 0, err

@@ -26,6 +26,7 @@ from ..fileio import atomic_path, atomic_write_text
 from ..synth_classes import CLASS_NAMES as CLASSES
 TEXTURES = ("grass", "gravel", "brick", "moon", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 FORMATS = ("coco", "voc")
+SCENES = ("mixed", "simple")
 _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 _TEXTURE_CACHE: dict[str, np.ndarray] = {}
 
@@ -119,19 +120,30 @@ def _colour(rng: np.random.Generator, cls: int) -> np.ndarray:
     return np.clip(base + rng.normal(0, 0.08, 3), 0, 1).astype(np.float32)
 
 
-def generate_image(seed: int, index: int, h: int, w: int, allow_crowd: bool):
-    """One image and its objects: (rgb uint8, [object dicts])."""
+def generate_image(seed: int, index: int, h: int, w: int, allow_crowd: bool, scenes: str = "mixed"):
+    """One image and its objects: (rgb uint8, [object dicts]).
+
+    ``scenes``: ``mixed`` (1-6 shapes, radius 7-26 % of the shorter side, some touching,
+    overlapping or cut by the border, crowds) or ``simple`` (1-3 shapes, radius 12-26 %,
+    apart from each other, inside the image, no crowds): a detection-friendly layout for
+    training small detectors from scratch."""
+    if scenes not in SCENES:
+        raise OptionError(f"unknown --scenes {scenes!r}; choose one of {', '.join(SCENES)}")
+    simple = scenes == "simple"
     rng = np.random.default_rng([seed, index])
     img = _background(rng, h, w)
     gray = img.mean(axis=2, keepdims=True)
     objects = []
     occupied = np.zeros((h, w), dtype=bool)
-    n = int(rng.integers(1, 7))
+    n = int(rng.integers(1, 4 if simple else 7))
     smin = min(h, w)
     for k in range(n):
         cls = int(rng.integers(len(CLASSES)))
-        r = smin * rng.uniform(0.07, 0.26)
-        if objects and rng.random() < 0.3:  # touch or overlap a previous shape
+        r = smin * rng.uniform(0.12 if simple else 0.07, 0.26)
+        if simple:  # centre far enough from the border for the shape to lie inside (a rectangle
+            m = 1.15 * r  # reaches 0.8·√2·r from its centre, the other shapes r)
+            cx, cy = rng.uniform(m, w - m), rng.uniform(m, h - m)
+        elif objects and rng.random() < 0.3:  # touch or overlap a previous shape
             prev = objects[int(rng.integers(len(objects)))]
             px0, py0, px1, py1 = prev["xyxy"]
             ang = rng.uniform(0, 2 * np.pi)
@@ -148,7 +160,7 @@ def generate_image(seed: int, index: int, h: int, w: int, allow_crowd: bool):
         poly[:, 1] = np.clip(poly[:, 1], 0, h)
         mask = _raster(poly, h, w)
         area = int(mask.sum())
-        if area < 30 or (occupied & mask).sum() > 0.4 * area:
+        if area < 30 or (occupied & mask).sum() > (0 if simple else 0.4 * area):
             continue
         col = _colour(rng, cls)
         shade = 0.75 + 0.35 * gray
@@ -161,7 +173,7 @@ def generate_image(seed: int, index: int, h: int, w: int, allow_crowd: bool):
             truncated=bool(xs.min() == 0 or ys.min() == 0 or xs.max() == w - 1 or ys.max() == h - 1),
             difficult=bool(rng.random() < 0.05),
         ))
-    if allow_crowd and rng.random() < 0.12:  # a crowd: a cluster of small same-class shapes
+    if allow_crowd and not simple and rng.random() < 0.12:  # a crowd: a cluster of small same-class shapes
         cls = int(rng.integers(len(CLASSES)))
         ccx, ccy = rng.uniform(0.2 * w, 0.8 * w), rng.uniform(0.2 * h, 0.8 * h)
         crowd = np.zeros((h, w), dtype=bool)
@@ -224,6 +236,7 @@ def synth_dataset(
     size: tuple[int, int] = (240, 320),
     val_fraction: float = 0.2,
     progress: Callable[[int, int], None] | None = None,
+    scenes: str = "mixed",
 ) -> SynthSummary:
     """Write a generated dataset in COCO or VOC layout under ``out``.
 
@@ -232,6 +245,8 @@ def synth_dataset(
     """
     if fmt not in FORMATS:
         raise OptionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if scenes not in SCENES:
+        raise OptionError(f"unknown --scenes {scenes!r}; choose one of {', '.join(SCENES)}")
     if n_images < 1:
         raise OptionError("--images must be at least 1")
     h, w = size
@@ -247,13 +262,13 @@ def synth_dataset(
     writer = _CocoWriter(out, names) if fmt == "coco" else _VocWriter(out, names)
     n_obj = n_crowd = 0
     for i in range(n_images):
-        rgb, objects = generate_image(seed, i, h, w, allow_crowd=(fmt == "coco"))
+        rgb, objects = generate_image(seed, i, h, w, allow_crowd=(fmt == "coco"), scenes=scenes)
         writer.add(i, split_of[i], rgb, objects)
         n_obj += sum(not o["crowd"] for o in objects)
         n_crowd += sum(o["crowd"] for o in objects)
         if progress:
             progress(1, n_images)
-    writer.close(seed=seed, size=size)
+    writer.close(seed=seed, size=size, scenes=scenes)
     counts = {s: split_of.count(s) for s in names if split_of.count(s)}
     return SynthSummary(out, fmt, counts, n_obj, n_crowd, time.perf_counter() - t0)
 
@@ -290,12 +305,13 @@ class _CocoWriter:
             doc["annotations"].append(ann)
             self.ann_id += 1
 
-    def close(self, seed, size):
+    def close(self, seed, size, scenes):
         cats = [{"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CLASSES)]
         for split, doc in self.docs.items():
             if not doc["images"]:
                 continue
-            full = {"info": {"description": "bavit synthetic shapes", "seed": seed, "size": list(size)},
+            full = {"info": {"description": "bavit synthetic shapes", "seed": seed, "size": list(size),
+                             "scenes": scenes},
                     "licenses": [], "images": doc["images"], "annotations": doc["annotations"],
                     "categories": cats}
             atomic_write_text(self.out / "annotations" / f"instances_{split}.json", json.dumps(full))
@@ -340,7 +356,7 @@ class _VocWriter:
         atomic_write_text(self.out / "Annotations" / f"{stem}.xml", xml)
         self.lists[split].append(stem)
 
-    def close(self, seed, size):
+    def close(self, seed, size, scenes):
         for split, stems in self.lists.items():
             if not stems:
                 continue

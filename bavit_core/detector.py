@@ -289,6 +289,47 @@ def init_new_yolos(model, seed: int = 0) -> None:
             p.copy_((torch.randn(p.shape, generator=g) * 0.02).clamp_(-0.04, 0.04))
 
 
+def init_encoder_from_bavit(model, bavit) -> int:
+    """Copy a trained BAViT's patch embedding, patch position embeddings and encoder blocks
+    into the first layers of a YOLOS of the same width and head count (timm's fused qkv is
+    split into YOLOS's query/key/value). The detector then starts from features that
+    already separate FG from BG. Returns the number of layers copied."""
+    cfg, vit = model.config, bavit.vit
+    d = vit.embed_dim
+    if d != cfg.hidden_size or bavit.cfg.num_heads != cfg.num_attention_heads:
+        raise BavitError(f"BAViT (width {d}, {bavit.cfg.num_heads} heads) does not match the detector "
+                         f"(width {cfg.hidden_size}, {cfg.num_attention_heads} heads)")
+    if bavit.cfg.patch != cfg.patch_size or len(vit.blocks) > cfg.num_hidden_layers:
+        raise BavitError(f"BAViT (patch {bavit.cfg.patch}, {len(vit.blocks)} layers) does not fit the detector "
+                         f"(patch {cfg.patch_size}, {cfg.num_hidden_layers} layers)")
+    if vit.blocks[0].mlp.fc1.out_features != cfg.intermediate_size:
+        raise BavitError("BAViT's MLP width differs from the detector's intermediate size")
+    emb = model.vit.embeddings
+    gh, gw = bavit.cfg.grid_shape
+    dh, dw = cfg.image_size[0] // cfg.patch_size, cfg.image_size[1] // cfg.patch_size
+    pos = vit.pos_embed.detach().reshape(1, gh, gw, d).permute(0, 3, 1, 2)
+    if (gh, gw) != (dh, dw):
+        pos = F.interpolate(pos, size=(dh, dw), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        emb.patch_embeddings.projection.weight.copy_(vit.patch_embed.proj.weight)
+        emb.patch_embeddings.projection.bias.copy_(vit.patch_embed.proj.bias)
+        emb.position_embeddings[0, 1:1 + dh * dw] = pos.flatten(2).transpose(1, 2)[0]
+        for blk, layer in zip(vit.blocks, model.vit.encoder.layer):
+            q, k, v = blk.attn.qkv.weight.chunk(3, dim=0)
+            qb, kb, vb = blk.attn.qkv.bias.chunk(3, dim=0)
+            att = layer.attention.attention
+            for lin, w, b in ((att.query, q, qb), (att.key, k, kb), (att.value, v, vb)):
+                lin.weight.copy_(w)
+                lin.bias.copy_(b)
+            pairs = ((layer.attention.output.dense, blk.attn.proj), (layer.layernorm_before, blk.norm1),
+                     (layer.layernorm_after, blk.norm2), (layer.intermediate.dense, blk.mlp.fc1),
+                     (layer.output.dense, blk.mlp.fc2))
+            for dst, src in pairs:
+                dst.weight.copy_(src.weight)
+                dst.bias.copy_(src.bias)
+    return len(vit.blocks)
+
+
 def yolos_macs(n_tokens: float, hidden: int, mlp: int, layers: int) -> float:
     """Encoder MACs for n tokens: per layer 4·N·d² (qkv, proj) + 2·N·d·mlp + 2·N²·d (attention).
     With mlp = 4d this is the familiar 12·N·d² + 2·N²·d."""

@@ -94,3 +94,32 @@ def test_token_columns_reproduce_table_2():
     assert c["token_reduction_pct"] == pytest.approx(25.625)
     c0 = token_columns(np.zeros(3), 1024, 12, 576, 2, with_bavit=True)
     assert c0["token_reduction_pct"] == pytest.approx(-9.375)  # Table 2's 0 % row: -9.40 %
+
+
+def test_encoder_initialised_from_bavit_computes_bavits_layers():
+    from bavit_core.detector import init_encoder_from_bavit
+    from bavit_core.model import BAViT, ModelConfig
+
+    torch.manual_seed(1)
+    bavit = BAViT(ModelConfig(depth=2, input_h=32, input_w=48, embed_dim=64, num_heads=2, mlp_ratio=2.0)).eval()
+    with torch.no_grad():
+        for p in bavit.parameters():  # away from timm's init (zero biases, unit norms)
+            p.add_(torch.randn_like(p) * 0.05)
+    m = make()  # nano: width 64, 2 heads, MLP 128, 2 layers, 64x96 input (grid 4x6 vs BAViT's 2x3)
+    assert init_encoder_from_bavit(m, bavit) == 2
+    x = torch.randn(2, 3, 32, 48)
+    h = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        patches = m.vit.embeddings.patch_embeddings.projection(x).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(patches, bavit.vit.patch_embed(x), atol=1e-6, rtol=0)
+        for blk, layer in zip(bavit.vit.blocks, m.vit.encoder.layer):
+            ours = layer(h)
+            ours = ours[0] if isinstance(ours, tuple) else ours
+            torch.testing.assert_close(ours, blk(h), atol=1e-5, rtol=0)
+        pos = m.vit.embeddings.position_embeddings[0, 1:25].reshape(4, 6, 64)
+        ref = torch.nn.functional.interpolate(bavit.vit.pos_embed.reshape(1, 2, 3, 64).permute(0, 3, 1, 2),
+                                              size=(4, 6), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(pos, ref[0].permute(1, 2, 0), atol=1e-6, rtol=0)
+    wide = BAViT(ModelConfig(depth=1, input_h=32, input_w=48, embed_dim=96, num_heads=2))
+    with pytest.raises(BavitError, match="does not match the detector"):
+        init_encoder_from_bavit(make(), wide)

@@ -19,6 +19,11 @@ def finetune(
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Build a new YOLOS with random weights."),
     detector_config: str = typer.Option("micro", "--detector-config", help="With --from-scratch: tiny, micro or nano."),
     num_detection_tokens: Optional[int] = typer.Option(None, "--det-tokens", help="With --from-scratch: detection tokens."),
+    init_encoder: Optional[Path] = typer.Option(None, "--init-encoder", help="With --from-scratch: a BAViT run of the "
+                                                "same width whose patch embedding and layers start the encoder."),
+    dense_aux: float = typer.Option(0.0, "--dense-aux", help="Weight of a per-token auxiliary loss (each patch "
+                                    "token predicts its object's class and box); gets from-scratch training "
+                                    "off the ground. 0 = DETR set loss only."),
     dataset: str = typer.Option("coco", "--dataset", help="coco or voc."),
     root: Optional[Path] = typer.Option(None, "--root", help="Dataset root."),
     split: Optional[str] = typer.Option(None, "--split", help="Training split [default: val2017 (COCO), val (VOC)]."),
@@ -50,13 +55,14 @@ def finetune(
     \b
     Example:
         bavit finetune --detector hustvl/yolos-tiny --root coco --split train2017 --selector oracle --labels train.parquet --epochs 30 --out detectors/yolos-tiny-F
-        bavit finetune --from-scratch --detector-config micro --root data/shapes --split train2017 --detector-size 192 --out detectors/shapes
+        bavit finetune --from-scratch --detector-config micro --dense-aux 1.0 --root data/det --split train2017 --detector-size 128 --out detectors/det
     """
     opts = FinetuneOptions(
         dataset=dataset, root=str(root) if root else None, split=split, ann=str(ann) if ann else None,
         images=str(images) if images else None, val_split=val_split, val_labels=str(val_labels) if val_labels else None,
         val_fraction=val_fraction, detector=detector, from_scratch=from_scratch, detector_config=detector_config,
-        num_detection_tokens=num_detection_tokens, detector_size=parse_size(detector_size), selector=selector,
+        num_detection_tokens=num_detection_tokens,
+        init_encoder=str(init_encoder) if init_encoder else None, dense_aux=dense_aux, detector_size=parse_size(detector_size), selector=selector,
         labels=str(labels) if labels else None, model=str(model) if model else None, threshold=threshold,
         epochs=epochs if epochs is not None or resume else FinetuneOptions.epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         schedule=schedule, clip_grad=clip_grad, seed=seed, max_images=max_images, device=device, out=str(out),

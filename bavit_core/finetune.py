@@ -24,7 +24,8 @@ import torch
 from . import __version__
 from .cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections, voc_category_map
 from .datasets import AnnotationSet, open_dataset
-from .detector import init_new_yolos, load_detector, pruned_forward, tiny_yolos_config
+from .dense_aux import dense_aux_loss
+from .detector import init_encoder_from_bavit, init_new_yolos, load_detector, pruned_forward, tiny_yolos_config
 from .distributed import Dist
 from .errors import InputFileError, OptionError
 from .fileio import atomic_path, atomic_write_text
@@ -57,6 +58,8 @@ class FinetuneOptions:
     from_scratch: bool = False
     detector_config: str = "micro"
     num_detection_tokens: int | None = None
+    init_encoder: str | None = None  # with from_scratch: a BAViT run whose layers start the encoder
+    dense_aux: float = 0.0  # weight of the per-token auxiliary loss (dense_aux.py); 0 = off
     detector_size: tuple = (512, 512)
     selector: str = "none"
     labels: str | None = None
@@ -90,6 +93,10 @@ class FinetuneOptions:
             raise OptionError("give --detector NAME|DIR to fine-tune, or --from-scratch --detector-config NAME")
         if self.from_scratch and self.detector:
             raise OptionError("--from-scratch builds a new detector: drop --detector")
+        if self.init_encoder and not self.from_scratch:
+            raise OptionError("--init-encoder starts a new detector's encoder: it needs --from-scratch")
+        if self.dense_aux < 0:
+            raise OptionError(f"--dense-aux must be >= 0, got {self.dense_aux}")
         if self.epochs is None or self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise OptionError("--epochs, --batch-size and --lr must be positive")
         if self.schedule not in ("cosine", "step"):
@@ -192,6 +199,8 @@ def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None):
         torch.manual_seed(opts.seed)
         model = YolosForObjectDetection(cfg)
         init_new_yolos(model, opts.seed)
+        if opts.init_encoder:
+            init_encoder_from_bavit(model, load_bavit(opts.init_encoder))
         return model.to(device)
     model = load_detector(opts.detector, device)
     model.train()
@@ -367,7 +376,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
         if not opts.flip:
             flips = None
         mine = perm[: per_rank * dist.world][dist.rank::dist.world] if dist.enabled else perm
-        sums = np.zeros(5)
+        sums = np.zeros(6)
         for k, s in enumerate(range(0, len(mine), opts.batch_size)):
             step = epoch * steps_per_epoch + k
             for gparam in optim.param_groups:
@@ -375,9 +384,14 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
             b = mine[s:s + opts.batch_size]
             x, keep, targets = _batch(train, b, flips, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                o = pruned_forward(model, x, keep)
+                o = pruned_forward(model, x, keep, return_hidden=opts.dense_aux > 0)
             loss, parts, _ = model.loss_function(o.logits.float(), targets, device, o.pred_boxes.float(),
                                                  model.config, None, None)
+            aux = torch.zeros((), device=device)
+            if opts.dense_aux > 0:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    aux = dense_aux_loss(model, o.last_hidden_state, targets, grid, keep)
+                loss = loss + opts.dense_aux * aux
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, "
                                        f"step {k + 1}; try a lower --lr")
@@ -396,12 +410,14 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
                 torch.nn.utils.clip_grad_norm_(params, opts.clip_grad)
             optim.step()
             sums += [loss.item() * len(b), parts["loss_ce"].item() * len(b), parts["loss_bbox"].item() * len(b),
-                     parts["loss_giou"].item() * len(b), len(b)]
+                     parts["loss_giou"].item() * len(b), aux.item() * len(b), len(b)]
             if on_step:
                 on_step(1, steps_per_epoch)
         tot = dist.sum(sums.tolist())
-        row = {"epoch": epoch, "lr": optim.param_groups[0]["lr"], "train_loss": tot[0] / tot[4],
-               "train_loss_ce": tot[1] / tot[4], "train_loss_bbox": tot[2] / tot[4], "train_loss_giou": tot[3] / tot[4]}
+        row = {"epoch": epoch, "lr": optim.param_groups[0]["lr"], "train_loss": tot[0] / tot[5],
+               "train_loss_ce": tot[1] / tot[5], "train_loss_bbox": tot[2] / tot[5], "train_loss_giou": tot[3] / tot[5]}
+        if opts.dense_aux > 0:
+            row["train_loss_dense_aux"] = tot[4] / tot[5]
         if val is not None:
             row.update({f"val_{k}": v for k, v in evaluate_map(model, val, gt, opts.batch_size, device, dist).items()})
         row["seconds"] = time.perf_counter() - t0

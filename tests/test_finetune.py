@@ -14,7 +14,7 @@ from bavit_core.errors import OptionError
 from bavit_core.finetune import FinetuneOptions, finetune
 from bavit_core.grid import GridSpec
 from bavit_core.labels import LabelOptions, label_dataset
-from bavit_core.model import read_state_dict
+from bavit_core.model import load_bavit, read_state_dict
 
 from .cli_helpers import run_cli
 
@@ -37,6 +37,7 @@ def test_from_scratch_writes_an_hf_detector_that_prune_eval_loads(coco_synth, tm
     assert [row["epoch"] for row in rows] == [0, 1]
     for k in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "val_map", "val_map50"):
         assert k in rows[0]
+    assert "train_loss_dense_aux" not in rows[0]
     assert r["train_images"] == 27 and r["val_images"] == 3
 
 
@@ -58,9 +59,10 @@ def test_new_yolos_gets_random_tokens_and_positions():
 def test_sparse_finetune_with_oracle_tokens_and_exact_resume(coco_synth, tmp_path):
     aset = open_dataset("coco", root=coco_synth, split="train2017", need_masks=True)
     label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(96, 96, 16)), tmp_path / "l.parquet")
-    opts = dict(selector="oracle", labels=str(tmp_path / "l.parquet"), epochs=3)
+    opts = dict(selector="oracle", labels=str(tmp_path / "l.parquet"), epochs=3, dense_aux=0.5)
     r = finetune(base(coco_synth, tmp_path / "full", **opts))
     assert 0 < r["train_sparsity"] < 1
+    assert all(row["train_loss_dense_aux"] > 0 for row in r["rows"])
 
     def stop(row):
         if row["epoch"] == 1:
@@ -113,3 +115,15 @@ def test_sparse_finetune_with_bavit_tokens(coco_synth, tmp_path):
     # threshold 1.0 prunes nothing (BG probability < 1); a tiny threshold prunes more
     assert hi["train_sparsity"] == 0.0
     assert lo["train_sparsity"] > 0.0
+
+    # --init-encoder: the new micro YOLOS (192 wide, 3 heads, like BAViT-small) starts from BAViT's 2 layers
+    finetune(base(coco_synth, tmp_path / "init", detector_config="micro", init_encoder=str(tmp_path / "bavit"),
+                  epochs=1, lr=1e-5))
+    bav = load_bavit(tmp_path / "bavit")
+    det = load_detector(str(tmp_path / "init"))
+    q_bavit = bav.vit.blocks[1].attn.qkv.weight.chunk(3)[0]
+    assert (det.vit.encoder.layer[1].attention.attention.query.weight - q_bavit).abs().max() < 1e-3
+    assert (det.vit.encoder.layer[2].attention.attention.query.weight - q_bavit).abs().max() > 0.03
+    with pytest.raises(OptionError, match="--init-encoder starts a new detector's encoder: it needs --from-scratch"):
+        finetune(base(coco_synth, tmp_path / "x", from_scratch=False, detector=str(tmp_path / "init"),
+                      init_encoder=str(tmp_path / "bavit")))

@@ -18,8 +18,17 @@ from .prune_eval import PruneEvalOptions, prune_eval
 from .report import ReportInputs, build_report
 from .train import TrainOptions, read_metrics, train_bavit
 
-BAVIT_SIZE = 192
-DETECTOR_SIZE = 192
+SCENES = "simple"  # the layout the shipped detector was trained on (bavit synth --scenes simple)
+BAVIT_SIZE = 128  # BAViT's grid (8x8) is the detector's: no resampling between them
+DETECTOR_SIZE = 128  # for --train-detector; the shipped detector's own size is read from its config
+
+
+def detector_input_size(det: Path) -> tuple[int, int]:
+    """The input size a detector directory was trained at (its config's ``image_size``)."""
+    import json
+
+    size = json.loads((Path(det) / "config.json").read_text()).get("image_size", [DETECTOR_SIZE, DETECTOR_SIZE])
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
 
 
 def shipped_detector() -> Path:
@@ -68,7 +77,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
         say(stage, f"{msg} ({times[stage]:.0f} s)")
 
     t = time.perf_counter()
-    s = synth_dataset(data, st["images"], "coco", opts.seed, (240, 320), 0.25, prog("synth"))
+    s = synth_dataset(data, st["images"], "coco", opts.seed, (240, 320), 0.25, prog("synth"), scenes=SCENES)
     done("synth", f"{sum(s.splits.values())} images, {s.objects} objects", t)
 
     t = time.perf_counter()
@@ -78,7 +87,8 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
         aset = open_dataset("coco", root=data, split=split, need_masks=True)
         r = label_dataset(aset, lo, out / f"labels_{split}.parquet")
         fg.append(r.fg_fraction_mean)
-    done("label", f"mask labels on a 12x12 grid, FG fraction {fg[0]:.2f} (train) / {fg[1]:.2f} (val)", t)
+    gh = BAVIT_SIZE // 16
+    done("label", f"mask labels on a {gh}x{gh} grid, FG fraction {fg[0]:.2f} (train) / {fg[1]:.2f} (val)", t)
 
     t = time.perf_counter()
     run = out / "bavit-small"
@@ -101,9 +111,9 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
 
         det = out / "detector"
         finetune(FinetuneOptions(root=str(data), split="train2017", val_split="val2017", from_scratch=True,
-                                 detector_config="micro", num_detection_tokens=10,
-                                 detector_size=(DETECTOR_SIZE, DETECTOR_SIZE), epochs=st["det_epochs"], batch_size=16,
-                                 lr=3e-4, seed=opts.seed, device=opts.device, out=str(det)), on_step=prog("detector"))
+                                 detector_config="micro", num_detection_tokens=10, dense_aux=1.0,
+                                 detector_size=(DETECTOR_SIZE, DETECTOR_SIZE), epochs=st["det_epochs"], batch_size=8,
+                                 lr=4e-4, seed=opts.seed, device=opts.device, out=str(det)), on_step=prog("detector"))
         done("detector", f"trained from scratch in {det}", t)
     else:
         det = shipped_detector()
@@ -112,7 +122,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
     t = time.perf_counter()
     res = prune_eval(PruneEvalOptions(
         detector=str(det), root=str(data), split="val2017", model=str(run), labels=str(out / "labels_val2017.parquet"),
-        thresholds=st["thresholds"], batch_size=st["batch"], detector_size=(DETECTOR_SIZE, DETECTOR_SIZE),
+        thresholds=st["thresholds"], batch_size=st["batch"], detector_size=detector_input_size(det),
         timing_images=st["timing_images"], timing_repeats=st["timing_repeats"], device=opts.device, seed=opts.seed,
         out=str(out / "results")), prog("prune-eval"))
     rows = res["rows"]

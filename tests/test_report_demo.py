@@ -28,6 +28,22 @@ def test_demo_quick_runs_every_stage_and_points_at_the_report(demo_dir):
     assert [r["selector"] for r in rows] == ["dense", "bavit", "bavit", "oracle", "random", "random"]
 
 
+def test_demo_results_are_meaningful(demo_dir):
+    """The shipped detector detects, and pruning behaves as the paper says: mAP falls as
+    sparsity rises, and BAViT's tokens beat random ones at the same sparsity."""
+    out, _ = demo_dir
+    rows = list(csv.DictReader(open(out / "results" / "results.csv")))
+    dense = float(rows[0]["map"])
+    assert dense >= 0.5
+    bavit = sorted((float(r["sparsity"]), float(r["map"])) for r in rows if r["selector"] == "bavit")
+    random = {r["threshold"]: float(r["map"]) for r in rows if r["selector"] == "random"}
+    assert [m for _, m in bavit] == sorted((m for _, m in bavit), reverse=True)
+    assert all(m <= dense for _, m in bavit)
+    for r in rows:
+        if r["selector"] == "bavit":
+            assert float(r["map"]) >= random[r["threshold"]]
+
+
 def test_report_tables_figures_and_index(demo_dir):
     out, _ = demo_dir
     rep = out / "report"

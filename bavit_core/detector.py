@@ -31,9 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import BavitError, InputFileError
+from .errors import BavitError, InputFileError, OptionError
 
 LAYOUTS = ("pack", "pad")
+
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)  # YOLOS's input normalisation (ImageNet statistics)
+IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 def load_detector(name_or_path: str, device="cpu"):
@@ -80,7 +84,10 @@ def export_detector(src: str, dest: str | Path, half: bool = True) -> Path:
 
 
 def detector_grid(model, size: tuple[int, int]) -> tuple[int, int]:
+    """The detector's token grid at input ``size`` (h, w); the patch must divide it."""
     p = model.config.patch_size
+    if size[0] % p or size[1] % p:
+        raise OptionError(f"--detector-size {tuple(size)} is not divisible by the detector patch {p}")
     return size[0] // p, size[1] // p
 
 
@@ -150,6 +157,17 @@ def _layer(layer, h, attend):
     return layer.output(y, h)
 
 
+def _encode(vit, h, attend, mid=None):
+    """YOLOS's encoder layers and final layernorm over ``h`` (mid-layer position embeddings
+    ``mid``, gathered like ``h``, are added after every layer but the last)."""
+    n_layers = len(vit.encoder.layer)
+    for li, layer in enumerate(vit.encoder.layer):
+        h = _layer(layer, h, attend)
+        if mid is not None and li < n_layers - 1:
+            h = h + mid[li]
+    return vit.layernorm(h)
+
+
 def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None = None,
                    layout: str = "pack", return_hidden: bool = False) -> PrunedOutput:
     """YOLOS computing only CLS, detection tokens and the patch tokens where ``keep`` is true.
@@ -177,7 +195,6 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
     mid = None
     if cfg.use_mid_position_embeddings:
         mid = vit.encoder.interpolation((H, W))  # (layers - 1, 1, 1 + P + D, C)
-    n_layers = len(vit.encoder.layer)
 
     if layout == "pack" or b == 1:
         flat = torch.cat([emb[i, ix] for i, ix in enumerate(idx)])  # (T, C)
@@ -185,12 +202,7 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
         if mid is not None:
             mid_g = torch.cat([mid[:, 0, ix] for ix in idx], dim=1)  # (layers - 1, T, C)
         attend = lambda sa, x: _attention_pack(sa, x, lengths, heads, hd)  # noqa: E731
-        h = flat
-        for li, layer in enumerate(vit.encoder.layer):
-            h = _layer(layer, h, attend)
-            if mid_g is not None and li < n_layers - 1:
-                h = h + mid_g[li]
-        h = vit.layernorm(h)
+        h = _encode(vit, flat, attend, mid_g)
         starts = np.cumsum([0] + lengths[:-1])
         det_out = torch.stack([h[s + 1:s + 1 + n_det] for s in starts])
         per_image = [h[s:s + n] for s, n in zip(starts, lengths)]
@@ -207,11 +219,7 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
         if mid is not None:
             mid_g = mid[:, 0][:, gather]  # (layers - 1, B, L, C)
         attend = lambda sa, x: _attention_pad(sa, x, mask, heads, hd)  # noqa: E731
-        for li, layer in enumerate(vit.encoder.layer):
-            h = _layer(layer, h, attend)
-            if mid_g is not None and li < n_layers - 1:
-                h = h + mid_g[li]
-        h = vit.layernorm(h)
+        h = _encode(vit, h, attend, mid_g)
         det_out = h[:, 1:1 + n_det]
         per_image = [h[i, :n] for i, n in enumerate(lengths)]
 
@@ -238,13 +246,8 @@ def masked_reference_forward(model, pixel_values: torch.Tensor, keep: torch.Tens
     heads = cfg.num_attention_heads
     hd = cfg.hidden_size // heads
     mid = vit.encoder.interpolation((H, W)) if cfg.use_mid_position_embeddings else None
-    h = emb
     attend = lambda sa, x: _attention_pad(sa, x, valid, heads, hd)  # noqa: E731
-    for li, layer in enumerate(vit.encoder.layer):
-        h = _layer(layer, h, attend)
-        if mid is not None and li < len(vit.encoder.layer) - 1:
-            h = h + mid[li]
-    h = vit.layernorm(h)
+    h = _encode(vit, emb, attend, mid)
     det = h[:, -n_det:]
     return PrunedOutput(model.class_labels_classifier(det), model.bbox_predictor(det).sigmoid(), h, keep.sum(1))
 
@@ -306,7 +309,7 @@ def init_encoder_from_bavit(model, bavit) -> int:
         raise BavitError("BAViT's MLP width differs from the detector's intermediate size")
     emb = model.vit.embeddings
     gh, gw = bavit.cfg.grid_shape
-    dh, dw = cfg.image_size[0] // cfg.patch_size, cfg.image_size[1] // cfg.patch_size
+    dh, dw = detector_grid(model, cfg.image_size)
     pos = vit.pos_embed.detach().reshape(1, gh, gw, d).permute(0, 3, 1, 2)
     if (gh, gw) != (dh, dw):
         pos = F.interpolate(pos, size=(dh, dw), mode="bicubic", align_corners=False)

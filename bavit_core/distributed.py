@@ -39,6 +39,20 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Average the gradients of ``params`` over the processes in one all-reduce (for
+        training loops that do not go through DDP's forward, such as the pruned YOLOS)."""
+        if not self.enabled:
+            return
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        off = 0
+        for q, g in zip(params, grads):
+            q.grad = flat[off:off + g.numel()].view_as(g).clone()
+            off += g.numel()
+
     def barrier(self):
         if self.enabled:
             torch.distributed.barrier()

@@ -156,34 +156,32 @@ def _blank_bg(img: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return np.where(cell[:, :, None], img, 255).astype(np.uint8)
 
 
-def overlays(images: list[np.ndarray], grids: list[np.ndarray], path: Path, titles=None,
-             title="FG tokens (red) and BG tokens (grey)") -> Path:
+def _image_pairs(images, below, path: Path, title: str, top_titles=None, below_titles=None) -> Path:
+    """Each image above its processed version ``below``, one column per image."""
     plt = _plt()
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 4.4), squeeze=False)
     for k in range(n):
         axes[0, k].imshow(images[k])
-        axes[1, k].imshow(_grid_overlay(images[k], grids[k]))
-        if titles:
-            axes[0, k].set_title(titles[k], fontsize=8)
+        axes[1, k].imshow(below[k])
+        for a, names in ((axes[0, k], top_titles), (axes[1, k], below_titles)):
+            if names:
+                a.set_title(names[k], fontsize=8)
         for a in axes[:, k]:
             a.axis("off")
     fig.suptitle(title)
     return _save(fig, path)
 
 
+def overlays(images: list[np.ndarray], grids: list[np.ndarray], path: Path, titles=None,
+             title="FG tokens (red) and BG tokens (grey)") -> Path:
+    return _image_pairs(images, [_grid_overlay(im, g) for im, g in zip(images, grids)], path, title, titles)
+
+
 def sparse_images(images, grids, path: Path) -> Path:
-    plt = _plt()
-    n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 4.4), squeeze=False)
-    for k in range(n):
-        axes[0, k].imshow(images[k])
-        axes[1, k].imshow(_blank_bg(images[k], grids[k]))
-        axes[1, k].set_title(f"sparsity {100 * (1 - grids[k].mean()):.0f} %", fontsize=8)
-        for a in axes[:, k]:
-            a.axis("off")
-    fig.suptitle("What the detector sees: BG patches blanked")
-    return _save(fig, path)
+    return _image_pairs(images, [_blank_bg(im, g) for im, g in zip(images, grids)], path,
+                        "What the detector sees: BG patches blanked",
+                        below_titles=[f"sparsity {100 * (1 - g.mean()):.0f} %" for g in grids])
 
 
 def before_after(images, gts, preds, refined, path: Path, steps: int) -> Path:

@@ -25,7 +25,8 @@ from . import __version__
 from .cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections, voc_category_map
 from .datasets import AnnotationSet, open_dataset
 from .dense_aux import dense_aux_loss
-from .detector import init_encoder_from_bavit, init_new_yolos, load_detector, pruned_forward, tiny_yolos_config
+from .detector import (IMAGE_MEAN, IMAGE_STD, detector_grid, init_encoder_from_bavit, init_new_yolos, load_detector,
+                       pruned_forward, tiny_yolos_config)
 from .distributed import Dist
 from .errors import InputFileError, OptionError
 from .fileio import atomic_path, atomic_write_text
@@ -40,8 +41,6 @@ SELECTORS = ("none", "oracle", "bavit")
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 OPTIONS_FILE = "finetune.json"
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -159,15 +158,9 @@ def _keep_fn(opts: FinetuneOptions, aset, grid, device, labels_path):
         return None
     if opts.selector == "oracle":
         lab = read_labels(labels_path)
-        pos = {int(i): k for k, i in enumerate(lab.image_ids)}
 
         def oracle(idx, _inputs):
-            ids = aset.image_ids[idx]
-            absent = [int(i) for i in ids if int(i) not in pos]
-            if absent:
-                raise OptionError(f"{labels_path}: has no labels for {len(absent)} of the {len(ids)} images "
-                                  f"(e.g. image id {absent[0]})")
-            return resample_grid(lab.grids[[pos[int(i)] for i in ids]], grid, opts.resample)
+            return resample_grid(lab.grids_for(aset.image_ids[idx], labels_path), grid, opts.resample)
 
         return oracle, None
     bavit = load_bavit(opts.model, device=device)
@@ -219,7 +212,7 @@ def _lr_factor(opts: FinetuneOptions, step: int, steps_per_epoch: int) -> float:
 
 
 def _batch(data: _Data, b, flips, device):
-    x = to_input(data.images[b], MEAN, STD, device)
+    x = to_input(data.images[b], IMAGE_MEAN, IMAGE_STD, device)
     keep = None if data.keep is None else torch.as_tensor(data.keep[b], device=device)
     targets = []
     for k, i in enumerate(b):
@@ -245,7 +238,7 @@ def evaluate_map(model, data: _Data, gt, batch_size, device, dist: Dist) -> dict
     idx = np.arange(len(data.ids))[dist.rank::dist.world]
     for s in range(0, len(idx), batch_size):
         b = idx[s:s + batch_size]
-        x = to_input(data.images[b], MEAN, STD, device)
+        x = to_input(data.images[b], IMAGE_MEAN, IMAGE_STD, device)
         keep = None if data.keep is None else torch.as_tensor(data.keep[b], device=device)
         out = pruned_forward(model, x, keep)
         dets += detections_from_outputs(out.logits, out.pred_boxes, data.ids[b], data.widths[b], data.heights[b])
@@ -299,7 +292,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
     out = Path(opts.out)
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
     img_dir = aset.images_dir
-    paths, missing = resolve_paths(img_dir, aset.file_names)
+    _, missing = resolve_paths(img_dir, aset.file_names)
     all_paths = [img_dir / n for n in aset.file_names]
     present = np.setdiff1d(np.arange(aset.n_images), missing)
     if opts.max_images:
@@ -308,11 +301,8 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
         raise InputFileError(img_dir, "none of the dataset's images is there")
     model = _build_model(opts, aset, device, out if resume else None)
     label_map = _label_map(aset, None if opts.from_scratch or aset.kind == "coco" else model.config)
-    p = model.config.patch_size
     size = tuple(opts.detector_size)
-    if size[0] % p or size[1] % p:
-        raise OptionError(f"--detector-size {size} is not divisible by the detector patch {p}")
-    grid = (size[0] // p, size[1] // p)
+    grid = detector_grid(model, size)
     bad = [c for c in label_map.values() if c >= model.config.num_labels]
     if bad:
         raise OptionError(f"category id {bad[0]} is outside the detector's {model.config.num_labels} labels")
@@ -321,7 +311,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
     val_aset, val_idx, val_paths = None, None, None
     if opts.val_split:
         val_aset = open_dataset(opts.dataset, root=opts.root, split=opts.val_split)
-        vp, vmiss = resolve_paths(val_aset.images_dir, val_aset.file_names)
+        _, vmiss = resolve_paths(val_aset.images_dir, val_aset.file_names)
         val_idx = np.setdiff1d(np.arange(val_aset.n_images), vmiss)
         val_paths = [val_aset.images_dir / n for n in val_aset.file_names]
         train_idx = present
@@ -397,15 +387,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
                                        f"step {k + 1}; try a lower --lr")
             optim.zero_grad(set_to_none=True)
             loss.backward()
-            if dist.enabled:
-                grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                torch.distributed.all_reduce(flat)
-                flat /= dist.world
-                off = 0
-                for q, g in zip(params, grads):
-                    q.grad = flat[off:off + g.numel()].view_as(g).clone()
-                    off += g.numel()
+            dist.average_gradients(params)
             if opts.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(params, opts.clip_grad)
             optim.step()

@@ -116,6 +116,16 @@ class Labels:
     def fg_fraction(self) -> np.ndarray:
         return self.grids.reshape(len(self), -1).mean(axis=1)
 
+    def grids_for(self, image_ids, source) -> np.ndarray:
+        """The label grids of ``image_ids``, in that order; an image without labels is an
+        OptionError naming ``source`` (the labels file)."""
+        pos = {int(i): k for k, i in enumerate(self.image_ids)}
+        absent = [int(i) for i in image_ids if int(i) not in pos]
+        if absent:
+            raise OptionError(f"{source}: has no labels for {len(absent)} of the {len(image_ids)} images "
+                              f"(e.g. image id {absent[0]}); label the same split")
+        return self.grids[[pos[int(i)] for i in image_ids]]
+
     def subset(self, index) -> "Labels":
         index = np.asarray(index)
         return Labels(

@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .cocoeval import STAT_NAMES, coco_ground_truth, detections_from_outputs, evaluate_detections, voc_category_map
 from .datasets import open_dataset
-from .detector import LAYOUTS, detector_grid, load_detector, pruned_forward
+from .detector import IMAGE_MEAN, IMAGE_STD, LAYOUTS, detector_grid, load_detector, pruned_forward
 from .errors import InputFileError, OptionError
 from .fileio import atomic_write_text, sha256_file
 from .grid import nearest_index, resample_grid
@@ -31,14 +31,12 @@ from .images import load_image_sizes, resolve_paths, to_input
 from .labels import read_labels
 from .model import load_bavit
 from .postprocess import refine
-from .predict import fg_from_probs
+from .predict import fg_from_probs, infer_probs
 from .timing import peak_memory_mb, time_interleaved
 from .tokens import bavit_gflops, detector_gflops, token_columns
 from .train import resolve_device
 
 SELECTORS = ("dense", "bavit", "oracle", "random")
-YOLOS_MEAN = (0.485, 0.456, 0.406)
-YOLOS_STD = (0.229, 0.224, 0.225)
 CSV_COLUMNS = (
     "selector", "threshold", "sparsity", *STAT_NAMES, "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens",
     "total_tokens", "token_reduction_pct", "gflops", "latency_ms", "throughput_ips", "dense_latency_ms",
@@ -146,15 +144,13 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     det = load_detector(opts.detector, device)
     det_hw = tuple(opts.detector_size)
     dgrid = detector_grid(det, det_hw)
-    if det_hw[0] % det.config.patch_size or det_hw[1] % det.config.patch_size:
-        raise OptionError(f"--detector-size {det_hw} is not divisible by the detector patch {det.config.patch_size}")
     bavit = load_bavit(opts.model, device=device) if opts.model else None
 
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
     img_dir = aset.images_dir
     if img_dir is None or not img_dir.is_dir():
         raise OptionError("prune-eval needs the images: give --root (with --split) or --ann with --images")
-    paths, missing = resolve_paths(img_dir, aset.file_names)
+    _, missing = resolve_paths(img_dir, aset.file_names)
     present = np.setdiff1d(np.arange(aset.n_images), missing)
     if opts.max_images:
         present = present[: opts.max_images]
@@ -166,13 +162,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
 
     oracle = None
     if "oracle" in selectors:
-        lab = read_labels(opts.labels)
-        pos = {int(i): k for k, i in enumerate(lab.image_ids)}
-        absent = [int(i) for i in ids if int(i) not in pos]
-        if absent:
-            raise OptionError(f"{opts.labels}: has no labels for {len(absent)} of the {len(ids)} images "
-                              f"(e.g. image id {absent[0]}); label the same split")
-        oracle = resample_grid(lab.grids[[pos[int(i)] for i in ids]], dgrid, opts.resample)
+        oracle = resample_grid(read_labels(opts.labels).grids_for(ids, opts.labels), dgrid, opts.resample)
 
     cat_map = None  # detections carry the detector label id (== COCO category id)
     if aset.kind == "voc":
@@ -206,8 +196,6 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
                 if k < n_timed:
                     bav_timed.append(resized[1])
         if bavit is not None:
-            from .predict import infer_probs
-
             probs[s:s + len(bav_batch)] = infer_probs(bavit, np.stack(bav_batch), opts.batch_size, device)
         if progress:
             progress(min(chunk, n - s), total_work)
@@ -243,7 +231,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
         for row in rows:
             for s in range(0, n, opts.batch_size):
                 sl = slice(s, min(s + opts.batch_size, n))
-                x = to_input(det_u8[sl], YOLOS_MEAN, YOLOS_STD, device).to(dtype)
+                x = to_input(det_u8[sl], IMAGE_MEAN, IMAGE_STD, device).to(dtype)
                 keep = None if row.selector == "dense" else torch.as_tensor(row.keep[sl], device=device)
                 if keep is not None and bool(keep.all()):
                     keep = None
@@ -256,6 +244,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     # ---- pass 3: metrics, tokens, timing ---------------------------------------------
     stage("timing")
     n_patches = dgrid[0] * dgrid[1]
+    dense_g = detector_gflops(det.config, np.full(n, n_patches), n_patches)
     t_idx = np.arange(n_timed)
     results = []
     for row in rows:
@@ -268,7 +257,6 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
         r.update(token_columns(sparsity_i, n_patches, det.config.num_hidden_layers,
                                bavit.cfg.n_tokens if bavit else 0, bavit.cfg.depth if bavit else 0, with_bavit))
         g = detector_gflops(det.config, kept_i, n_patches)
-        dense_g = detector_gflops(det.config, np.full(n, n_patches), n_patches)
         if with_bavit:
             g += bavit_gflops(bavit.cfg)
         r["gflops"] = g
@@ -316,7 +304,7 @@ def _time_row(det, bavit, row, t_idx, det_u8, bav_timed, opts, device, dtype, la
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda")
     for s in range(0, len(t_idx), bs):
         sl = t_idx[s:s + bs]
-        x = to_input(det_u8[sl], YOLOS_MEAN, YOLOS_STD, device).to(dtype)
+        x = to_input(det_u8[sl], IMAGE_MEAN, IMAGE_STD, device).to(dtype)
         keep = torch.as_tensor(row.keep[sl], device=device)
         if row.selector == "dense":
             keep = None

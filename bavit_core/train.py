@@ -24,7 +24,7 @@ from .fileio import atomic_path, atomic_write_text
 from .images import load_images, resolve_paths, to_input
 from .labels import Labels, read_labels
 from .metrics import token_metrics
-from .distributed import Dist as _Dist
+from .distributed import Dist
 from .model import CONFIG_FILE, LAST_FILE, MODEL_FILE, BAViT, ModelConfig, create_bavit, read_state_dict, save_weights
 
 STATE_FILE = "state.pt"
@@ -163,7 +163,7 @@ def _summarise(c: list[float]) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, split: Split, cfg: ModelConfig, batch_size: int, device, dist: _Dist, fg_weight=1.0, amp=False):
+def evaluate(model, split: Split, cfg: ModelConfig, batch_size: int, device, dist: Dist, fg_weight=1.0, amp=False):
     model.eval()
     idx = np.arange(len(split.grids))[dist.rank::dist.world]
     c = [0.0] * 5
@@ -203,8 +203,8 @@ def train_bavit(
         saved.out, saved.device, saved.workers = str(out), opts.device, opts.workers
         opts = saved
     opts.validate()
-    device = _Dist.local_device(resolve_device(opts.device))
-    dist = _Dist(device)
+    device = Dist.local_device(resolve_device(opts.device))
+    dist = Dist(device)
     try:
         return _train(opts, resume, device, dist, on_step, on_epoch, on_stage)
     finally:

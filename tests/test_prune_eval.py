@@ -90,12 +90,12 @@ def test_dense_detections_equal_the_hf_model_and_batching_does_not_change_result
             np.testing.assert_allclose(x["bbox"] + [x["score"]], y["bbox"] + [y["score"]], atol=1e-4)
     from bavit_core.detector import load_detector
     from bavit_core.images import load_image, to_input
-    from bavit_core.prune_eval import YOLOS_MEAN, YOLOS_STD
+    from bavit_core.detector import IMAGE_MEAN, IMAGE_STD
     det = load_detector(str(setup / "det"))
     first = json.loads((tmp_path / "b1" / "detections" / "dense.json").read_text())[:10]
     doc = json.loads((coco_synth / "annotations/instances_val2017.json").read_text())
     im = next(i for i in doc["images"] if i["id"] == first[0]["image_id"])
-    x = to_input(load_image(coco_synth / "val2017" / im["file_name"], (64, 64))[None], YOLOS_MEAN, YOLOS_STD)
+    x = to_input(load_image(coco_synth / "val2017" / im["file_name"], (64, 64))[None], IMAGE_MEAN, IMAGE_STD)
     with torch.no_grad():
         ref = det(pixel_values=x)
     score = ref.logits.softmax(-1)[0, :, :-1].max(-1).values

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bavit_core.errors import BavitError
+from bavit_core.runtime.errors import BavitError
 
 console = Console()
 err_console = Console(stderr=True)

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from bavit_core.finetune import FinetuneOptions, finetune as run_finetune
-from bavit_core.grid import parse_size
+from bavit_core.data.grid import parse_size
+from bavit_core.finetune.loop import FinetuneOptions
+from bavit_core.finetune.loop import finetune as run_finetune
 
 from .common import cli_command, console, progress_bar
 

@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from bavit_core.datasets import open_dataset
-from bavit_core.grid import GridSpec, parse_size
+from bavit_core.data import open_dataset
+from bavit_core.data.grid import GridSpec, parse_size
 from bavit_core.labels import LabelOptions, label_dataset
 
 from .common import cli_command, console, kv_table, print_table, progress_bar

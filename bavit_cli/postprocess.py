@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from bavit_core.predict import postprocess_predictions
+from bavit_core.bavit.predict import postprocess_predictions
 
 from .common import cli_command, console, print_table
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from bavit_core.predict import predict as run_predict
+from bavit_core.bavit.predict import predict as run_predict
 
 from .common import cli_command, console, kv_table, print_table, progress_bar
 

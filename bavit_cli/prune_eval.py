@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from bavit_core.grid import parse_size
-from bavit_core.prune_eval import PruneEvalOptions, parse_thresholds, prune_eval
+from bavit_core.data.grid import parse_size
+from bavit_core.evaluate.sweep import PruneEvalOptions, parse_thresholds, prune_eval
 
 from .common import cli_command, console, err_console, print_table, progress_bar
 

@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from bavit_core.errors import OptionError
-from bavit_core.report import ReportInputs, build_report
+from bavit_core.report.build import ReportInputs, build_report
+from bavit_core.runtime.errors import OptionError
 
 from .common import cli_command, console
 

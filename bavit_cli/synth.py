@@ -5,8 +5,8 @@ from pathlib import Path
 
 import typer
 
-from bavit_core.datasets.synthetic import synth_dataset
-from bavit_core.grid import parse_size
+from bavit_core.data.grid import parse_size
+from bavit_core.data.synthetic import synth_dataset
 
 from .common import cli_command, console, kv_table, print_table, progress_bar
 

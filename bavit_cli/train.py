@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from bavit_core.train import TrainOptions, train_bavit
+from bavit_core.bavit.train import TrainOptions, train_bavit
 
 from .common import cli_command, console, err_console, progress_bar
 

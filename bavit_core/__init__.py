@@ -2,28 +2,61 @@
 
 Every capability is a plain function that returns data or writes files, prints nothing,
 and reports progress through an optional callback. Bad input raises a BavitError.
+
+Laid out by pipeline stage (see docs/pipeline.md, "Where things live"):
+``data`` → ``labels`` → ``bavit`` → ``detection`` → ``evaluate`` / ``finetune`` → ``report``,
+with ``runtime`` underneath. The user-facing functions are re-exported here and imported
+on first use, so ``import bavit_core`` stays light (no torch).
 """
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .errors import BavitError, InputFileError, OptionError  # noqa: E402
-from .labels import Labels, LabelOptions, label_dataset, read_labels  # noqa: E402
+from .runtime.errors import BavitError, InputFileError, OptionError  # noqa: E402
+
+# name -> module that defines it (imported lazily, PEP 562)
+_EXPORTS = {
+    "open_dataset": "data",
+    "synth_dataset": "data.synthetic",
+    "Labels": "labels",
+    "LabelOptions": "labels",
+    "label_dataset": "labels",
+    "read_labels": "labels",
+    "TrainOptions": "bavit.train",
+    "train_bavit": "bavit.train",
+    "read_metrics": "bavit.train",
+    "load_bavit": "bavit.model",
+    "predict": "bavit.predict",
+    "read_predictions": "bavit.predict",
+    "postprocess_predictions": "bavit.predict",
+    "load_detector": "detection.yolos",
+    "pruned_forward": "detection.pruned",
+    "PruneEvalOptions": "evaluate.sweep",
+    "prune_eval": "evaluate.sweep",
+    "read_results": "evaluate.results",
+    "FinetuneOptions": "finetune.options",
+    "finetune_detector": "finetune.loop:finetune",
+    "ReportInputs": "report.build",
+    "build_report": "report.build",
+    "DemoOptions": "demo",
+    "run_demo": "demo",
+}
 
 
-def read_predictions(path):
-    """Read a predictions parquet (see bavit_core.predict.read_predictions)."""
-    from .predict import read_predictions as _read
+def __getattr__(name: str):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'bavit_core' has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(f".{module}", __name__), attr or name)
+    globals()[name] = value
+    return value
 
-    return _read(path)
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = [
-    "__version__",
-    "BavitError",
-    "InputFileError",
-    "OptionError",
-    "Labels",
-    "LabelOptions",
-    "label_dataset",
-    "read_labels",
-    "read_predictions",
-]
+__all__ = ["__version__", "BavitError", "InputFileError", "OptionError", *_EXPORTS]

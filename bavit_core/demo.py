@@ -8,15 +8,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from .datasets import open_dataset
-from .datasets.synthetic import synth_dataset
-from .errors import BavitError
-from .grid import GridSpec
+from .bavit.predict import postprocess_predictions, predict
+from .bavit.train import TrainOptions, read_metrics, train_bavit
+from .data import open_dataset
+from .data.grid import GridSpec
+from .data.synthetic import synth_dataset
+from .evaluate.sweep import PruneEvalOptions, prune_eval
 from .labels import LabelOptions, label_dataset
-from .predict import postprocess_predictions, predict
-from .prune_eval import PruneEvalOptions, prune_eval
-from .report import ReportInputs, build_report
-from .train import TrainOptions, read_metrics, train_bavit
+from .report.build import ReportInputs, build_report
+from .runtime.errors import BavitError
 
 SCENES = "simple"  # the layout the shipped detector was trained on (bavit synth --scenes simple)
 BAVIT_SIZE = 128  # BAViT's grid (8x8) is the detector's: no resampling between them
@@ -107,7 +107,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
 
     t = time.perf_counter()
     if opts.train_detector:
-        from .finetune import FinetuneOptions, finetune
+        from .finetune.loop import FinetuneOptions, finetune
 
         det = out / "detector"
         finetune(FinetuneOptions(root=str(data), split="train2017", val_split="val2017", from_scratch=True,

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from bavit_core.datasets.synthetic import synth_dataset
+from bavit_core.data.synthetic import synth_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from bavit_core.datasets import open_dataset
-from bavit_core.errors import BavitError, InputFileError, OptionError
-from bavit_core.grid import GridSpec
+from bavit_core.bavit.model import create_bavit, load_bavit, read_state_dict
+from bavit_core.bavit.predict import read_predictions
+from bavit_core.bavit.train import TrainOptions, read_metrics, train_bavit
+from bavit_core.data import open_dataset
+from bavit_core.data.grid import GridSpec
 from bavit_core.labels import LabelOptions, label_dataset
-from bavit_core.model import create_bavit, load_bavit, read_state_dict
-from bavit_core.predict import read_predictions
-from bavit_core.train import TrainOptions, TrainingDiverged, read_metrics, train_bavit
+from bavit_core.runtime.errors import BavitError, InputFileError, OptionError, TrainingDiverged
 
 from .cli_helpers import run_cli
 
@@ -107,7 +107,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(small_labels,
 
 
 def test_nan_loss_stops_with_a_message(small_labels, tmp_path, monkeypatch):
-    import bavit_core.train as T
+    import bavit_core.bavit.train as T
 
     monkeypatch.setattr(T, "acc_loss", lambda logits, y, w: (logits * float("nan")).mean())
     with pytest.raises(TrainingDiverged, match=r"the loss became nan at epoch 1, step 1; try a lower --lr"):
@@ -160,7 +160,7 @@ def test_predict_and_postprocess_round_trip(small_labels, coco_synth, tmp_path):
     assert np.array_equal(p.gt, lab.grids) and np.array_equal(p.image_ids, lab.image_ids)
     assert np.array_equal(p.grids, (1 - p.probs.astype(np.float64)) < 0.5)
     model = load_bavit(tmp_path / "run")
-    from bavit_core.images import load_image, to_input
+    from bavit_core.data.images import load_image, to_input
     x = to_input(load_image(coco_synth / "val2017" / p.file_names[0], (64, 64))[None], model.cfg.mean, model.cfg.std)
     np.testing.assert_allclose(model.fg_prob(x)[0].detach().numpy(), p.probs[0], atol=1e-6)
     # plain folder: every image, no GT

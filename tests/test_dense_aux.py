@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from transformers import YolosForObjectDetection
 
-from bavit_core.dense_aux import dense_aux_loss, patch_targets
-from bavit_core.detector import tiny_yolos_config
+from bavit_core.detection.yolos import tiny_yolos_config
+from bavit_core.finetune.dense_aux import dense_aux_loss, patch_targets
 
 
 def box(x0, y0, x1, y1):
@@ -44,8 +44,8 @@ def test_dense_aux_loss_is_ce_on_kept_tokens_plus_l1_on_fg_tokens():
 
 
 def test_dense_aux_option_is_validated():
-    from bavit_core.errors import OptionError
-    from bavit_core.finetune import FinetuneOptions
+    from bavit_core.finetune.loop import FinetuneOptions
+    from bavit_core.runtime.errors import OptionError
 
     with pytest.raises(OptionError, match="--dense-aux must be >= 0"):
         FinetuneOptions(from_scratch=True, dense_aux=-1).validate()

@@ -3,9 +3,10 @@ import pytest
 import torch
 from transformers import YolosForObjectDetection
 
-from bavit_core.detector import load_detector, masked_reference_forward, pruned_forward, tiny_yolos_config
-from bavit_core.errors import BavitError, InputFileError
-from bavit_core.tokens import token_columns
+from bavit_core.detection.accounting import token_columns
+from bavit_core.detection.pruned import masked_reference_forward, pruned_forward
+from bavit_core.detection.yolos import load_detector, tiny_yolos_config
+from bavit_core.runtime.errors import BavitError, InputFileError
 
 
 def make(mid=False, size=(64, 96), labels=5):
@@ -97,8 +98,8 @@ def test_token_columns_reproduce_table_2():
 
 
 def test_encoder_initialised_from_bavit_computes_bavits_layers():
-    from bavit_core.detector import init_encoder_from_bavit
-    from bavit_core.model import BAViT, ModelConfig
+    from bavit_core.bavit.model import BAViT, ModelConfig
+    from bavit_core.detection.yolos import init_encoder_from_bavit
 
     torch.manual_seed(1)
     bavit = BAViT(ModelConfig(depth=2, input_h=32, input_w=48, embed_dim=64, num_heads=2, mlp_ratio=2.0)).eval()

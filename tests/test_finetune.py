@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bavit_core.datasets import open_dataset
-from bavit_core.detector import load_detector
-from bavit_core.errors import OptionError
-from bavit_core.finetune import FinetuneOptions, finetune
-from bavit_core.grid import GridSpec
+from bavit_core.bavit.model import load_bavit, read_state_dict
+from bavit_core.data import open_dataset
+from bavit_core.data.grid import GridSpec
+from bavit_core.detection.yolos import load_detector
+from bavit_core.finetune.loop import FinetuneOptions, finetune
 from bavit_core.labels import LabelOptions, label_dataset
-from bavit_core.model import load_bavit, read_state_dict
+from bavit_core.runtime.errors import OptionError
 
 from .cli_helpers import run_cli
 
@@ -44,7 +44,7 @@ def test_from_scratch_writes_an_hf_detector_that_prune_eval_loads(coco_synth, tm
 def test_new_yolos_gets_random_tokens_and_positions():
     from transformers import YolosForObjectDetection
 
-    from bavit_core.detector import init_new_yolos, tiny_yolos_config
+    from bavit_core.detection.yolos import init_new_yolos, tiny_yolos_config
 
     m = YolosForObjectDetection(tiny_yolos_config("nano", num_labels=3, image_size=(64, 64)))
     emb = m.vit.embeddings
@@ -103,7 +103,7 @@ def test_finetune_under_torchrun_two_processes(coco_synth, tmp_path):
 
 
 def test_sparse_finetune_with_bavit_tokens(coco_synth, tmp_path):
-    from bavit_core.train import TrainOptions, train_bavit
+    from bavit_core.bavit.train import TrainOptions, train_bavit
 
     aset = open_dataset("coco", root=coco_synth, split="train2017", need_masks=True)
     label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(64, 64, 16)), tmp_path / "l.parquet")

@@ -2,11 +2,9 @@ import numpy as np
 import pytest
 from shapely.geometry import box as sbox
 
-from bavit_core.errors import OptionError
-from bavit_core.grid import (
-    GridSpec, box_cell_scores, cell_pixel_counts, cell_sizes, cell_starts, image_box_scores, parse_size,
-    resample_grid,
-)
+from bavit_core.data.grid import (GridSpec, box_cell_scores, cell_pixel_counts, cell_sizes, cell_starts,
+                                  image_box_scores, parse_size, resample_grid)
+from bavit_core.runtime.errors import OptionError
 
 
 def shapely_scores(b, w, h, gh, gw, criterion):

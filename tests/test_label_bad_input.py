@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bavit_core import read_labels
-from bavit_core.errors import InputFileError
+from bavit_core.runtime.errors import InputFileError
 
 from .cli_helpers import run_cli
 

@@ -5,8 +5,8 @@ import pytest
 from pycocotools.coco import COCO
 
 from bavit_core import read_labels
-from bavit_core.datasets import open_dataset
-from bavit_core.grid import GridSpec
+from bavit_core.data import open_dataset
+from bavit_core.data.grid import GridSpec
 from bavit_core.labels import LabelOptions, label_dataset
 
 from .conftest import shared_data

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from bavit_core.errors import OptionError
-from bavit_core.postprocess import neighbour_sum, refine, refine_with_history
+from bavit_core.bavit.postprocess import neighbour_sum, refine, refine_with_history
+from bavit_core.runtime.errors import OptionError
 
 
 def loop_refine(g, steps, kernel, min_fg):

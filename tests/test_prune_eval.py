@@ -6,14 +6,14 @@ import pytest
 import torch
 from transformers import YolosForObjectDetection
 
-from bavit_core.datasets import open_dataset
-from bavit_core.detector import tiny_yolos_config
-from bavit_core.errors import OptionError
-from bavit_core.grid import GridSpec
+from bavit_core.bavit.train import TrainOptions, train_bavit
+from bavit_core.data import open_dataset
+from bavit_core.data.grid import GridSpec
+from bavit_core.data.synthetic import CLASS_NAMES
+from bavit_core.detection.yolos import tiny_yolos_config
+from bavit_core.evaluate.sweep import CSV_COLUMNS, parse_thresholds
 from bavit_core.labels import LabelOptions, label_dataset
-from bavit_core.prune_eval import CSV_COLUMNS, parse_thresholds
-from bavit_core.synth_classes import CLASS_NAMES
-from bavit_core.train import TrainOptions, train_bavit
+from bavit_core.runtime.errors import OptionError
 
 from .cli_helpers import run_cli
 
@@ -88,9 +88,8 @@ def test_dense_detections_equal_the_hf_model_and_batching_does_not_change_result
         for x, y in zip(a, b):
             assert x["category_id"] == y["category_id"]
             np.testing.assert_allclose(x["bbox"] + [x["score"]], y["bbox"] + [y["score"]], atol=1e-4)
-    from bavit_core.detector import load_detector
-    from bavit_core.images import load_image, to_input
-    from bavit_core.detector import IMAGE_MEAN, IMAGE_STD
+    from bavit_core.data.images import load_image, to_input
+    from bavit_core.detection.yolos import IMAGE_MEAN, IMAGE_STD, load_detector
     det = load_detector(str(setup / "det"))
     first = json.loads((tmp_path / "b1" / "detections" / "dense.json").read_text())[:10]
     doc = json.loads((coco_synth / "annotations/instances_val2017.json").read_text())
@@ -126,8 +125,8 @@ def test_prune_eval_bad_input(setup, coco_synth, tmp_path):
 
 
 def test_timed_path_resamples_like_the_evaluated_path():
-    from bavit_core.grid import resample_grid
-    from bavit_core.prune_eval import _resample_torch
+    from bavit_core.data.grid import resample_grid
+    from bavit_core.detection.selection import resample_torch as _resample_torch
 
     g = np.random.default_rng(0).random((3, 24, 24)) < 0.4
     for shape in ((32, 32), (12, 12), (24, 24), (20, 30)):

@@ -27,13 +27,14 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=32)
     a = ap.parse_args()
-    from bavit_core.datasets import open_dataset
-    from bavit_core.datasets.synthetic import synth_dataset
+    from bavit_core.bavit.inference import infer_probs
+    from bavit_core.bavit.model import create_bavit
+    from bavit_core.bavit.postprocess import refine
+    from bavit_core.bavit.train import _batch, acc_loss, load_split
+    from bavit_core.data import open_dataset
+    from bavit_core.data.synthetic import synth_dataset
     from bavit_core.labels import LabelOptions, label_dataset
-    from bavit_core.model import create_bavit
-    from bavit_core.postprocess import refine
-    from bavit_core.predict import infer_probs
-    from bavit_core.train import _batch, acc_loss, epoch_order, load_split
+    from bavit_core.runtime.distributed import epoch_order
 
     torch.manual_seed(0)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -25,7 +25,8 @@ def main():
     a = ap.parse_args()
     from transformers import YolosForObjectDetection
 
-    from bavit_core.detector import pruned_forward, tiny_yolos_config
+    from bavit_core.detection.pruned import pruned_forward
+    from bavit_core.detection.yolos import tiny_yolos_config
 
     print(f"machine: cpu {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")

@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--skip-cli", action="store_true")
     a = ap.parse_args()
     from bavit_core import labels as L
-    from bavit_core.datasets import open_dataset
+    from bavit_core.data import open_dataset
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     rows = []

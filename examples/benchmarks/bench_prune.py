@@ -6,7 +6,7 @@ Random weights (speed does not depend on them), 512×512 input (32×32 = 1024 pa
 +1 CLS +100 detection tokens). Batch 1, and batch 8 whose images keep different numbers of
 tokens (sparsity spread ±15 points around the target). Dense HF YOLOS and the pruned forward
 are timed interleaved in one process (warm-up, medians). FLOP-ideal speedup = encoder+embed
-+heads FLOPs dense / pruned (bavit_core.tokens.detector_gflops).
++heads FLOPs dense / pruned (bavit_core.detection.accounting.detector_gflops).
 """
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ def main():
     a = ap.parse_args()
     from transformers import YolosForObjectDetection
 
-    from bavit_core.detector import pruned_forward, tiny_yolos_config
-    from bavit_core.model import create_bavit
-    from bavit_core.timing import time_interleaved
-    from bavit_core.tokens import bavit_gflops, detector_gflops
+    from bavit_core.bavit.model import create_bavit
+    from bavit_core.detection.accounting import bavit_gflops, detector_gflops
+    from bavit_core.detection.pruned import pruned_forward
+    from bavit_core.detection.yolos import tiny_yolos_config
+    from bavit_core.evaluate.timing import time_interleaved
 
     dev = torch.device(a.device)
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32

@@ -21,8 +21,9 @@ import torch
 
 
 def load(root, split, size, n):
-    from bavit_core.datasets import open_dataset
-    from bavit_core.finetune import _label_map, _prepare
+    from bavit_core.data import open_dataset
+    from bavit_core.finetune.data import label_map_for as _label_map
+    from bavit_core.finetune.data import prepare as _prepare
 
     aset = open_dataset("coco", root=root, split=split)
     return aset, _prepare(aset, np.arange(min(n, aset.n_images)), (size, size), _label_map(aset), None,
@@ -30,9 +31,10 @@ def load(root, split, size, n):
 
 
 def spread_and_map(model, aset, data):
-    from bavit_core.cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections
-    from bavit_core.detector import IMAGE_MEAN, IMAGE_STD, pruned_forward
-    from bavit_core.images import to_input
+    from bavit_core.data.images import to_input
+    from bavit_core.detection.cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections
+    from bavit_core.detection.pruned import pruned_forward
+    from bavit_core.detection.yolos import IMAGE_MEAN, IMAGE_STD
 
     model.eval()
     with torch.no_grad():
@@ -46,9 +48,10 @@ def spread_and_map(model, aset, data):
 def train(a):
     from transformers import YolosForObjectDetection
 
-    from bavit_core.dense_aux import dense_aux_loss
-    from bavit_core.detector import init_encoder_from_bavit, init_new_yolos, pruned_forward, tiny_yolos_config
-    from bavit_core.finetune import _batch
+    from bavit_core.detection.pruned import pruned_forward
+    from bavit_core.detection.yolos import init_encoder_from_bavit, init_new_yolos, tiny_yolos_config
+    from bavit_core.finetune.data import make_batch as _batch
+    from bavit_core.finetune.dense_aux import dense_aux_loss
 
     aset, data = load(a.root, "train2017", 128, a.train_images)
     vset, val = load(a.root, "val2017", 128, 200)
@@ -62,7 +65,7 @@ def train(a):
                 torch.nn.init.xavier_uniform_(mod.weight)
                 torch.nn.init.zeros_(mod.bias)
     elif a.variant == "bavit":
-        from bavit_core.model import load_bavit
+        from bavit_core.bavit.model import load_bavit
 
         init_encoder_from_bavit(m, load_bavit(a.bavit))
     opt = torch.optim.AdamW(m.parameters(), lr=4e-4, weight_decay=1e-4)
@@ -105,7 +108,7 @@ def main():
     t.add_argument("--train-images", type=int, default=3000)
     a = p.parse_args()
     if a.cmd == "spread":
-        from bavit_core.detector import load_detector
+        from bavit_core.detection.yolos import load_detector
 
         model = load_detector(a.detector)
         vset, val = load(a.root, "val2017", model.config.image_size[0], a.images)

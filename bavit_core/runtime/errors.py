@@ -21,3 +21,7 @@ class InputFileError(BavitError):
 
 class OptionError(BavitError):
     """An option value is out of range or inconsistent with another."""
+
+
+class TrainingDiverged(BavitError):
+    """The loss became NaN or infinite."""

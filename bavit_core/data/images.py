@@ -1,4 +1,5 @@
-"""Image decoding, resizing and an in-memory cache of resized uint8 images."""
+"""Image decoding and resizing, and the decode-once image store (one decode per image,
+resized to every size a run needs, held in memory or spilled to a memory-mapped file)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import InputFileError
+from ..runtime.errors import InputFileError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -81,6 +82,34 @@ def load_images(
             if progress:
                 progress(1, len(paths))
     return out
+
+
+def image_store(n: int, hw, spill_dir: Path | None = None, limit: int = 2 << 30) -> np.ndarray:
+    """(n, h, w, 3) uint8: in memory, or a memory-mapped temporary file in ``spill_dir`` when
+    it would exceed ``limit`` bytes (COCO val at 512² is 3.9 GB). The file is unlinked at
+    once, so it disappears with the array."""
+    shape = (n, hw[0], hw[1], 3)
+    if n * hw[0] * hw[1] * 3 <= limit or spill_dir is None:
+        return np.empty(shape, dtype=np.uint8)
+    import tempfile
+
+    spill_dir = Path(spill_dir)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=spill_dir, prefix=".images-", suffix=".u8") as f:
+        return np.memmap(f.name, dtype=np.uint8, mode="w+", shape=shape)
+
+
+def decode_once(paths: Sequence[Path], sizes: Sequence[tuple[int, int]], spill_dir: Path | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """Decode every image once and stretch-resize it to each (h, w) in ``sizes``: one
+    (N, h, w, 3) uint8 store per size (see :func:`image_store`)."""
+    stores = [image_store(len(paths), hw, spill_dir) for hw in sizes]
+    for k, path in enumerate(paths):
+        for store, im in zip(stores, load_image_sizes(path, sizes)):
+            store[k] = im
+        if progress:
+            progress(1, len(paths))
+    return stores
 
 
 def to_input(batch_u8, mean, std, device=None):

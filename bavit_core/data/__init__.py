@@ -1,9 +1,11 @@
-"""Dataset readers, picked from a table by name."""
+"""Data: dataset readers (COCO, VOC, generated), image decoding, patch-grid geometry.
+
+Dataset readers are picked from a table by name (:func:`open_dataset`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import OptionError
+from ..runtime.errors import OptionError
 from .base import AnnotationSet
 from .coco import coco_paths, load_coco
 from .voc import load_voc

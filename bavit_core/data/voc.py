@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFileError, OptionError
-from ..fileio import require_dir
+from ..runtime.errors import InputFileError, OptionError
+from ..runtime.fileio import require_dir
 from .base import AnnotationSet
 
 VOID = 255

@@ -22,7 +22,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    from .fileio import atomic_path
+    from ..runtime.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")

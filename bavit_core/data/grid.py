@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OptionError
+from ..runtime.errors import OptionError
 
 CRITERIA = ("coverage", "jaccard")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BavitError, InputFileError, OptionError
-from .grid import GridSpec
+from ..data.grid import GridSpec
+from ..runtime.errors import BavitError, InputFileError, OptionError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -174,7 +174,7 @@ def load_vit_weights(model: BAViT, state: dict) -> list[str]:
 def save_weights(model: BAViT, path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    from .fileio import atomic_path
+    from ..runtime.fileio import atomic_path
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:

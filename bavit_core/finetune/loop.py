@@ -14,162 +14,34 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from . import __version__
-from .cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections, voc_category_map
-from .datasets import AnnotationSet, open_dataset
+from .. import __version__
+from ..bavit.model import load_bavit
+from ..data import open_dataset
+from ..data.images import resolve_paths, to_input
+from ..detection.cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections
+from ..detection.pruned import pruned_forward
+from ..detection.yolos import (IMAGE_MEAN, IMAGE_STD, detector_grid, init_encoder_from_bavit, init_new_yolos,
+                               load_detector, tiny_yolos_config)
+from ..runtime.devices import resolve_device
+from ..runtime.distributed import Dist, epoch_order
+from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
+from ..runtime.fileio import atomic_path, atomic_write_text
+from .data import FinetuneData, keep_selector, label_map_for, make_batch, prepare
 from .dense_aux import dense_aux_loss
-from .detector import (IMAGE_MEAN, IMAGE_STD, detector_grid, init_encoder_from_bavit, init_new_yolos, load_detector,
-                       pruned_forward, tiny_yolos_config)
-from .distributed import Dist
-from .errors import InputFileError, OptionError
-from .fileio import atomic_path, atomic_write_text
-from .grid import resample_grid
-from .images import load_image_sizes, resolve_paths, to_input
-from .labels import read_labels
-from .model import load_bavit
-from .predict import fg_from_probs, infer_probs
-from .train import TrainingDiverged, epoch_order, resolve_device
+from .options import SELECTORS, FinetuneOptions
 
-SELECTORS = ("none", "oracle", "bavit")
+__all__ = ["SELECTORS", "FinetuneOptions", "finetune", "evaluate_map"]
+
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 OPTIONS_FILE = "finetune.json"
-
-
-@dataclass
-class FinetuneOptions:
-    dataset: str = "coco"
-    root: str | None = None
-    split: str | None = None
-    ann: str | None = None
-    images: str | None = None
-    val_split: str | None = None
-    val_labels: str | None = None
-    val_fraction: float = 0.1
-    detector: str | None = None
-    from_scratch: bool = False
-    detector_config: str = "micro"
-    num_detection_tokens: int | None = None
-    init_encoder: str | None = None  # with from_scratch: a BAViT run whose layers start the encoder
-    dense_aux: float = 0.0  # weight of the per-token auxiliary loss (dense_aux.py); 0 = off
-    detector_size: tuple = (512, 512)
-    selector: str = "none"
-    labels: str | None = None
-    model: str | None = None
-    threshold: float = 0.5
-    resample: str = "nearest"
-    epochs: int | None = 30  # None on resume: keep the run's own
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    schedule: str = "cosine"
-    step_size: int = 20
-    gamma: float = 0.1
-    clip_grad: float = 0.1
-    flip: bool = True
-    seed: int = 0
-    amp: bool = True
-    device: str = "auto"
-    max_images: int | None = None
-    out: str = "detectors/yolos-F"
-
-    def validate(self):
-        if self.selector not in SELECTORS:
-            raise OptionError(f"unknown --selector {self.selector!r}; choose one of {', '.join(SELECTORS)}")
-        if self.selector == "oracle" and not self.labels:
-            raise OptionError("--selector oracle needs --labels PARQUET")
-        if self.selector == "bavit" and not self.model:
-            raise OptionError("--selector bavit needs --model RUN")
-        if not self.from_scratch and not self.detector:
-            raise OptionError("give --detector NAME|DIR to fine-tune, or --from-scratch --detector-config NAME")
-        if self.from_scratch and self.detector:
-            raise OptionError("--from-scratch builds a new detector: drop --detector")
-        if self.init_encoder and not self.from_scratch:
-            raise OptionError("--init-encoder starts a new detector's encoder: it needs --from-scratch")
-        if self.dense_aux < 0:
-            raise OptionError(f"--dense-aux must be >= 0, got {self.dense_aux}")
-        if self.epochs is None or self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise OptionError("--epochs, --batch-size and --lr must be positive")
-        if self.schedule not in ("cosine", "step"):
-            raise OptionError("--schedule must be cosine or step")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise OptionError(f"--threshold must be in [0, 1], got {self.threshold}")
-
-
-@dataclass
-class _Data:
-    images: np.ndarray  # (N, h, w, 3) uint8 at the detector size
-    targets: list  # per image: (labels (n,), boxes (n, 4) normalised cx, cy, w, h)
-    keep: np.ndarray | None  # (N, gh, gw) bool or None
-    ids: np.ndarray
-    widths: np.ndarray
-    heights: np.ndarray
-
-
-def _label_map(aset: AnnotationSet, model_cfg=None) -> dict[int, int]:
-    """Dataset category id → detector label id. COCO: identical ids. VOC: by class name."""
-    if aset.kind == "coco":
-        return {c: c for c in set(aset.box_category.tolist()) | set(aset.categories)}
-    if model_cfg is not None:
-        return voc_category_map(aset, model_cfg.id2label)
-    names = sorted(set(aset.categories.values()))
-    return {cid: names.index(n) + 1 for cid, n in aset.categories.items()}
-
-
-def _prepare(aset: AnnotationSet, idx: np.ndarray, size, label_map, keep_sel, paths) -> _Data:
-    """Decode each image once: detector-size pixels, box targets, and the kept-token grid
-    (the BAViT selector gets BAViT-size copies from the same decode)."""
-    keep_fn, keep_size = keep_sel if keep_sel else (None, None)
-    sizes = [size] + ([keep_size] if keep_size else [])
-    n = len(idx)
-    imgs = np.empty((n, size[0], size[1], 3), dtype=np.uint8)
-    small = np.empty((n, keep_size[0], keep_size[1], 3), dtype=np.uint8) if keep_size else None
-    for k, i in enumerate(idx):
-        resized = load_image_sizes(paths[i], sizes)
-        imgs[k] = resized[0]
-        if small is not None:
-            small[k] = resized[1]
-    targets = []
-    use = ~aset.box_crowd & ~aset.box_difficult
-    for i in idx:
-        sel = np.flatnonzero((aset.box_image == i) & use)
-        b = aset.boxes[sel]
-        w, h = float(aset.widths[i]), float(aset.heights[i])
-        cxcywh = np.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h,
-                           (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], axis=1) if len(b) else np.zeros((0, 4))
-        labels = np.array([label_map.get(int(c), -1) for c in aset.box_category[sel]], dtype=np.int64)
-        ok = labels >= 0
-        targets.append((labels[ok], cxcywh[ok].astype(np.float32)))
-    keep = keep_fn(idx, small) if keep_fn else None
-    return _Data(imgs, targets, keep, aset.image_ids[idx], aset.widths[idx], aset.heights[idx])
-
-
-def _keep_fn(opts: FinetuneOptions, aset, grid, device, labels_path):
-    """(function(idx, bavit_inputs) → kept grids, BAViT input size or None), or None for dense."""
-    if opts.selector == "none":
-        return None
-    if opts.selector == "oracle":
-        lab = read_labels(labels_path)
-
-        def oracle(idx, _inputs):
-            return resample_grid(lab.grids_for(aset.image_ids[idx], labels_path), grid, opts.resample)
-
-        return oracle, None
-    bavit = load_bavit(opts.model, device=device)
-
-    def from_bavit(idx, inputs):
-        probs = infer_probs(bavit, inputs, 32, device)
-        return resample_grid(fg_from_probs(probs, opts.threshold), grid, opts.resample)
-
-    return from_bavit, (bavit.cfg.input_h, bavit.cfg.input_w)
 
 
 def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None):
@@ -178,7 +50,7 @@ def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None):
     if resume_dir is not None:
         return YolosForObjectDetection.from_pretrained(str(resume_dir / "last"), attn_implementation="sdpa").to(device)
     if opts.from_scratch:
-        lm = _label_map(aset)
+        lm = label_map_for(aset)
         n_labels = max(lm.values()) + 1
         names = {lab: aset.categories.get(cid, str(cid)) for cid, lab in lm.items()}
         if aset.kind == "voc":
@@ -211,28 +83,8 @@ def _lr_factor(opts: FinetuneOptions, step: int, steps_per_epoch: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
 
-def _batch(data: _Data, b, flips, device):
-    x = to_input(data.images[b], IMAGE_MEAN, IMAGE_STD, device)
-    keep = None if data.keep is None else torch.as_tensor(data.keep[b], device=device)
-    targets = []
-    for k, i in enumerate(b):
-        labels, boxes = data.targets[i]
-        boxes = torch.as_tensor(boxes, device=device)
-        if flips is not None and flips[i]:
-            boxes = boxes.clone()
-            boxes[:, 0] = 1.0 - boxes[:, 0]
-        targets.append({"class_labels": torch.as_tensor(labels, device=device), "boxes": boxes})
-    if flips is not None:
-        f = torch.as_tensor(flips[b], device=device)
-        if f.any():
-            x[f] = x[f].flip(-1)
-            if keep is not None:
-                keep[f] = keep[f].flip(-1)
-    return x, keep, targets
-
-
 @torch.no_grad()
-def evaluate_map(model, data: _Data, gt, batch_size, device, dist: Dist) -> dict:
+def evaluate_map(model, data: FinetuneData, gt, batch_size, device, dist: Dist) -> dict:
     model.eval()
     dets = []
     idx = np.arange(len(data.ids))[dist.rank::dist.world]
@@ -300,7 +152,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
     if len(present) == 0:
         raise InputFileError(img_dir, "none of the dataset's images is there")
     model = _build_model(opts, aset, device, out if resume else None)
-    label_map = _label_map(aset, None if opts.from_scratch or aset.kind == "coco" else model.config)
+    label_map = label_map_for(aset, None if opts.from_scratch or aset.kind == "coco" else model.config)
     size = tuple(opts.detector_size)
     grid = detector_grid(model, size)
     bad = [c for c in label_map.values() if c >= model.config.num_labels]
@@ -323,13 +175,13 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
     else:
         train_idx = present
 
-    keep_fn = _keep_fn(opts, aset, grid, device, opts.labels)
-    train = _prepare(aset, train_idx, size, label_map, keep_fn, all_paths)
+    keep_fn = keep_selector(opts, aset, grid, device, opts.labels)
+    train = prepare(aset, train_idx, size, label_map, keep_fn, all_paths)
     val = gt = None
     if val_aset is not None:
-        vkeep = _keep_fn(opts, val_aset, grid, device, opts.val_labels or opts.labels)
-        vmap = _label_map(val_aset, None if opts.from_scratch or val_aset.kind == "coco" else model.config)
-        val = _prepare(val_aset, val_idx, size, vmap, vkeep, val_paths)
+        vkeep = keep_selector(opts, val_aset, grid, device, opts.val_labels or opts.labels)
+        vmap = label_map_for(val_aset, None if opts.from_scratch or val_aset.kind == "coco" else model.config)
+        val = prepare(val_aset, val_idx, size, vmap, vkeep, val_paths)
         gt = coco_ground_truth(val_aset, val.ids, vmap if val_aset.kind == "voc" else None)
 
     n = len(train.ids)
@@ -372,7 +224,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
             for gparam in optim.param_groups:
                 gparam["lr"] = opts.lr * _lr_factor(opts, step, steps_per_epoch)
             b = mine[s:s + opts.batch_size]
-            x, keep, targets = _batch(train, b, flips, device)
+            x, keep, targets = make_batch(train, b, flips, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 o = pruned_forward(model, x, keep, return_hidden=opts.dense_aux > 0)
             loss, parts, _ = model.loss_function(o.logits.float(), targets, device, o.pred_boxes.float(),

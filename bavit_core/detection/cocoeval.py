@@ -6,8 +6,8 @@ import io
 
 import torch
 
-from .datasets import AnnotationSet
-from .errors import BavitError
+from ..data import AnnotationSet
+from ..runtime.errors import BavitError
 
 STAT_NAMES = ("map", "map50", "map75", "map_s", "map_m", "map_l")
 

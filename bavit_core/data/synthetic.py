@@ -20,10 +20,11 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from ..errors import OptionError
-from ..fileio import atomic_path, atomic_write_text
+from ..runtime.errors import OptionError
+from ..runtime.fileio import atomic_path, atomic_write_text
 
-from ..synth_classes import CLASS_NAMES as CLASSES
+CLASS_NAMES = ("triangle", "rectangle", "ellipse", "star", "hexagon")  # category ids 1..5
+
 TEXTURES = ("grass", "gravel", "brick", "moon", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 FORMATS = ("coco", "voc")
 SCENES = ("mixed", "simple")
@@ -138,7 +139,7 @@ def generate_image(seed: int, index: int, h: int, w: int, allow_crowd: bool, sce
     n = int(rng.integers(1, 4 if simple else 7))
     smin = min(h, w)
     for k in range(n):
-        cls = int(rng.integers(len(CLASSES)))
+        cls = int(rng.integers(len(CLASS_NAMES)))
         r = smin * rng.uniform(0.12 if simple else 0.07, 0.26)
         if simple:  # centre far enough from the border for the shape to lie inside (a rectangle
             m = 1.15 * r  # reaches 0.8·√2·r from its centre, the other shapes r)
@@ -155,7 +156,7 @@ def generate_image(seed: int, index: int, h: int, w: int, allow_crowd: bool, sce
             cy = [rng.uniform(0, h), rng.uniform(0, h), 0, h][side] + rng.uniform(-0.3, 0.3) * r
         else:
             cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-        poly = _outline(CLASSES[cls], rng, cx, cy, r)
+        poly = _outline(CLASS_NAMES[cls], rng, cx, cy, r)
         poly[:, 0] = np.clip(poly[:, 0], 0, w)
         poly[:, 1] = np.clip(poly[:, 1], 0, h)
         mask = _raster(poly, h, w)
@@ -174,11 +175,11 @@ def generate_image(seed: int, index: int, h: int, w: int, allow_crowd: bool, sce
             difficult=bool(rng.random() < 0.05),
         ))
     if allow_crowd and not simple and rng.random() < 0.12:  # a crowd: a cluster of small same-class shapes
-        cls = int(rng.integers(len(CLASSES)))
+        cls = int(rng.integers(len(CLASS_NAMES)))
         ccx, ccy = rng.uniform(0.2 * w, 0.8 * w), rng.uniform(0.2 * h, 0.8 * h)
         crowd = np.zeros((h, w), dtype=bool)
         for _ in range(int(rng.integers(5, 9))):
-            p = _outline(CLASSES[cls], rng, ccx + rng.normal(0, smin * 0.08), ccy + rng.normal(0, smin * 0.08),
+            p = _outline(CLASS_NAMES[cls], rng, ccx + rng.normal(0, smin * 0.08), ccy + rng.normal(0, smin * 0.08),
                          smin * rng.uniform(0.02, 0.04))
             p[:, 0] = np.clip(p[:, 0], 0, w)
             p[:, 1] = np.clip(p[:, 1], 0, h)
@@ -306,7 +307,7 @@ class _CocoWriter:
             self.ann_id += 1
 
     def close(self, seed, size, scenes):
-        cats = [{"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CLASSES)]
+        cats = [{"id": k + 1, "name": c, "supercategory": "shape"} for k, c in enumerate(CLASS_NAMES)]
         for split, doc in self.docs.items():
             if not doc["images"]:
                 continue
@@ -338,7 +339,7 @@ class _VocWriter:
             border |= binary_dilation(o["mask"], _CROSS) & ~binary_erosion(o["mask"], _CROSS)
             x0, y0, x1, y1 = o["xyxy"]
             xml_objs.append(
-                f"  <object>\n    <name>{escape(CLASSES[o['category']])}</name>\n    <pose>Unspecified</pose>\n"
+                f"  <object>\n    <name>{escape(CLASS_NAMES[o['category']])}</name>\n    <pose>Unspecified</pose>\n"
                 f"    <truncated>{int(o['truncated'])}</truncated>\n    <difficult>{int(o['difficult'])}</difficult>\n"
                 f"    <bndbox>\n      <xmin>{int(x0) + 1}</xmin>\n      <ymin>{int(y0) + 1}</ymin>\n"
                 f"      <xmax>{int(x1)}</xmax>\n      <ymax>{int(y1)}</ymax>\n    </bndbox>\n  </object>\n"

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .detector import yolos_macs
-
 
 def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit_tokens: int, bavit_layers: int,
                   with_bavit: bool) -> dict[str, float]:
@@ -46,3 +44,9 @@ def bavit_gflops(cfg) -> float:
     d = cfg.embed_dim
     macs = n * 3 * cfg.patch ** 2 * d + yolos_macs(n, d, int(d * cfg.mlp_ratio), cfg.depth) + n * d * 2
     return 2 * macs / 1e9
+
+
+def yolos_macs(n_tokens: float, hidden: int, mlp: int, layers: int) -> float:
+    """Encoder MACs for n tokens: per layer 4·N·d² (qkv, proj) + 2·N·d·mlp + 2·N²·d (attention).
+    With mlp = 4d this is the familiar 12·N·d² + 2·N²·d."""
+    return layers * (4 * n_tokens * hidden ** 2 + 2 * n_tokens * hidden * mlp + 2 * n_tokens ** 2 * hidden)

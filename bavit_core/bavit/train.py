@@ -18,21 +18,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .errors import BavitError, InputFileError, OptionError
-from .fileio import atomic_path, atomic_write_text
-from .images import load_images, resolve_paths, to_input
-from .labels import Labels, read_labels
+from .. import __version__
+from ..data.images import load_images, resolve_paths, to_input
+from ..labels import Labels, read_labels
+from ..runtime.devices import resolve_device
+from ..runtime.distributed import Dist, epoch_order
+from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
+from ..runtime.fileio import atomic_path, atomic_write_text
 from .metrics import token_metrics
-from .distributed import Dist
 from .model import CONFIG_FILE, LAST_FILE, MODEL_FILE, BAViT, ModelConfig, create_bavit, read_state_dict, save_weights
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingDiverged(BavitError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -75,14 +72,6 @@ class TrainOptions:
             raise OptionError("--step-size must be at least 1")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError("--device cuda asked for, but CUDA is not available")
-    return torch.device(name)
-
-
 @dataclass
 class Split:
     images: np.ndarray  # (N, h, w, 3) uint8, resized
@@ -117,11 +106,6 @@ def load_split(labels_path: str, images: str | None, cfg: ModelConfig, threshold
         raise InputFileError(img_dir, f"none of the {len(missing)} images listed in {labels_path} is there")
     arr = load_images(paths, (cfg.input_h, cfg.input_w), workers, progress)
     return Split(arr, labels.grids, labels.image_ids), {"missing_images": len(missing), "meta": labels.meta}
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    g = np.random.default_rng([seed, epoch])
-    return g.permutation(n), g.random(n) < 0.5
 
 
 def acc_loss(logits: torch.Tensor, target: torch.Tensor, fg_weight: float) -> torch.Tensor:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFileError
-from ..fileio import require_dir, require_file
+from ..runtime.errors import InputFileError
+from ..runtime.fileio import require_dir, require_file
 from .base import AnnotationSet
 
 try:  # optional speed-up: orjson parses COCO-scale files ~3x faster

@@ -1,8 +1,9 @@
-"""torchrun / PyTorch DDP context shared by the trainers."""
+"""torchrun / PyTorch DDP context, and the seeded epoch order every rank shares."""
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 
@@ -60,3 +61,11 @@ class Dist:
     def close(self):
         if self.owns_group:
             torch.distributed.destroy_process_group()
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle and flips of ``epoch``, drawn for the whole dataset before sharding: a resumed
+    run sees the same order as an uninterrupted one, and N processes with batch b the same
+    samples per step as one process with batch N·b."""
+    g = np.random.default_rng([seed, epoch])
+    return g.permutation(n), g.random(n) < 0.5

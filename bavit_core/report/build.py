@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..evaluate.sweep import read_results
+from ..runtime.errors import InputFileError
+from ..runtime.fileio import atomic_write_text
 from . import figures
-from .errors import InputFileError
-from .fileio import atomic_write_text
-from .prune_eval import read_results
 
 WIDE_FIGURES = ("overlay_", "sparse_images", "postprocess", "detections")
 MODEL_NAMES = {"bavit": "BAViT+YOLOS", "oracle": "Oracle+YOLOS", "random": "Random+YOLOS", "dense": "YOLOS"}
@@ -68,8 +68,8 @@ def table2(rows: list[dict]) -> list[dict]:
 def table1(train_runs: list[str], pred: str | None) -> list[dict]:
     """Table-1 style token accuracy: one row per training run (best val epoch) and per
     predictions file with GT."""
-    from .model import read_run_config
-    from .train import read_metrics
+    from ..bavit.model import read_run_config
+    from ..bavit.train import read_metrics
 
     rows = []
     for run in train_runs:
@@ -86,7 +86,7 @@ def table1(train_runs: list[str], pred: str | None) -> list[dict]:
                      "accuracy %": _fmt(100 * best[f"{pre}_accuracy"]), "FG recall %": _fmt(100 * best[f"{pre}_recall"]),
                      "FG IoU %": _fmt(100 * best[f"{pre}_iou"])})
     if pred:
-        from .predict import read_predictions
+        from ..bavit.predict import read_predictions
 
         p = read_predictions(pred)
         m = p.meta.get("metrics")
@@ -131,7 +131,7 @@ def _html_table(rows: list[dict]) -> str:
 def _ideal(meta: dict):
     from types import SimpleNamespace
 
-    from .tokens import detector_gflops
+    from ..detection.accounting import detector_gflops
 
     cfg = meta.get("detector_config")
     if not cfg:
@@ -183,7 +183,7 @@ def build_report(inp: ReportInputs, progress=None) -> dict:
         atomic_write_text(out / "table1.md", _markdown(t1))
         tables["Table 1: token classification accuracy"] = t1
     for run in inp.train_runs:
-        from .train import read_metrics
+        from ..bavit.train import read_metrics
 
         ms = read_metrics(run)
         if ms:
@@ -217,12 +217,12 @@ def _finetune_curve(ms, path):
 
 def _image_figures(inp: ReportInputs, rows, meta, out: Path) -> list:
     """Overlay, sparse-image, before/after and detection figures from the prediction files."""
-    from .images import load_image
+    from ..data.images import load_image
 
     figs = []
     if not inp.pred:
         return figs
-    from .predict import read_predictions
+    from ..bavit.predict import read_predictions
 
     p = read_predictions(inp.pred)
     img_dir = Path(inp.images or p.meta.get("images_dir") or ".")
@@ -256,7 +256,7 @@ def _image_figures(inp: ReportInputs, rows, meta, out: Path) -> list:
 
 
 def _detection_figure(inp, rows, meta, out) -> list:
-    from .images import load_image
+    from ..data.images import load_image
 
     det_dir = Path(inp.results) / "detections"
     bav = sorted((r for r in rows if r["selector"] == "bavit"), key=lambda r: r["sparsity"])
@@ -272,7 +272,7 @@ def _detection_figure(inp, rows, meta, out) -> list:
     db = json.loads((det_dir / b_name).read_text())
     ids = meta.get("image_ids", [])[:4]
     opts = meta.get("options", {})
-    from .datasets import open_dataset
+    from ..data import open_dataset
 
     try:
         aset = open_dataset(opts.get("dataset", "coco"), root=opts.get("root"), split=opts.get("split"),
@@ -306,7 +306,7 @@ figure{margin:0;border:1px solid #eee;padding:.6rem;border-radius:6px}figure img
 
 
 def _write_index(out: Path, tables: dict, figs: list, inp: ReportInputs, meta: dict) -> None:
-    from . import __version__
+    from .. import __version__
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bavit report</title><style>{CSS}</style></head><body>",
              "<h1>BAViT token pruning report</h1>",

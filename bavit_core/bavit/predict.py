@@ -10,16 +10,16 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from . import __version__
-from .errors import InputFileError, OptionError
-from .fileio import atomic_path, sha256_file
-from .images import list_images, load_image_sized, resolve_paths, to_input
-from .labels import META_KEY, fixed_list_to_numpy, read_labels, read_parquet_table
+from .. import __version__
+from ..data.images import list_images, load_image_sized, resolve_paths
+from ..labels import META_KEY, fixed_list_to_numpy, read_labels, read_parquet_table
+from ..runtime.devices import resolve_device
+from ..runtime.errors import InputFileError, OptionError
+from ..runtime.fileio import atomic_path, sha256_file
+from .inference import fg_from_probs, infer_probs
 from .metrics import grid_metrics
-from .model import BAViT, load_bavit
-from .train import resolve_device
+from .model import load_bavit
 
 FORMAT = "bavit-preds/1"
 
@@ -37,27 +37,6 @@ class Predictions:
 
     def __len__(self):
         return len(self.image_ids)
-
-
-def fg_from_probs(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """A token is BG (pruned) when its BG probability 1 - p_fg is >= threshold."""
-    return (1.0 - np.asarray(probs, dtype=np.float64)) < threshold
-
-
-@torch.no_grad()
-def infer_probs(model: BAViT, images_u8: np.ndarray, batch_size: int = 32, device=None,
-                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """FG probabilities (N, gh, gw) float32 for resized uint8 images (N, h, w, 3)."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    out = []
-    for s in range(0, len(images_u8), batch_size):
-        x = to_input(images_u8[s:s + batch_size], model.cfg.mean, model.cfg.std, device)
-        out.append(model.fg_prob(x).cpu().numpy().astype(np.float32))
-        if progress:
-            progress(len(x), len(images_u8))
-    gh, gw = model.cfg.grid_shape
-    return np.concatenate(out) if out else np.zeros((0, gh, gw), np.float32)
 
 
 def predict(

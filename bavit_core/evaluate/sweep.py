@@ -1,4 +1,4 @@
-"""Sweep token selectors × thresholds over a dataset with the pruned YOLOS.
+"""prune-eval: sweep token selectors × thresholds over a dataset with the pruned YOLOS.
 
 Per row (selector, threshold): COCO mAP (pycocotools), sparsity, Table-2 token columns,
 analytic GFLOPs, and measured speed of dense YOLOS vs BAViT + pruned YOLOS timed side
@@ -7,41 +7,33 @@ its probabilities serve every threshold.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from . import __version__
-from .cocoeval import STAT_NAMES, coco_ground_truth, detections_from_outputs, evaluate_detections, voc_category_map
-from .datasets import open_dataset
-from .detector import IMAGE_MEAN, IMAGE_STD, LAYOUTS, detector_grid, load_detector, pruned_forward
-from .errors import InputFileError, OptionError
-from .fileio import atomic_write_text, sha256_file
-from .grid import nearest_index, resample_grid
-from .images import load_image_sizes, resolve_paths, to_input
-from .labels import read_labels
-from .model import load_bavit
-from .postprocess import refine
-from .predict import fg_from_probs, infer_probs
+from ..bavit.inference import infer_probs
+from ..bavit.model import load_bavit
+from ..bavit.postprocess import refine
+from ..data import open_dataset
+from ..data.images import decode_once, resolve_paths, to_input
+from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
+from ..detection.cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections, voc_category_map
+from ..detection.pruned import LAYOUTS, pruned_forward
+from ..detection.selection import SELECTORS, bavit_keep, dense_keep, oracle_keep, random_keep, resample_torch
+from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, load_detector
+from ..runtime.devices import resolve_device
+from ..runtime.errors import InputFileError, OptionError
+from .results import CSV_COLUMNS, read_results, write_results
 from .timing import peak_memory_mb, time_interleaved
-from .tokens import bavit_gflops, detector_gflops, token_columns
-from .train import resolve_device
 
-SELECTORS = ("dense", "bavit", "oracle", "random")
-CSV_COLUMNS = (
-    "selector", "threshold", "sparsity", *STAT_NAMES, "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens",
-    "total_tokens", "token_reduction_pct", "gflops", "latency_ms", "throughput_ips", "dense_latency_ms",
-    "speedup", "detector_speedup", "flop_speedup", "peak_mem_mb", "device", "dtype", "batch_size", "n_images",
-)
+__all__ = ["CSV_COLUMNS", "PruneEvalOptions", "parse_thresholds", "prune_eval", "read_results"]
+
 
 
 def parse_thresholds(text: str) -> list[float]:
@@ -160,69 +152,43 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     widths, heights = aset.widths[present], aset.heights[present]
     files = [img_dir / aset.file_names[i] for i in present]
 
-    oracle = None
-    if "oracle" in selectors:
-        oracle = resample_grid(read_labels(opts.labels).grids_for(ids, opts.labels), dgrid, opts.resample)
+    oracle = oracle_keep(opts.labels, ids, dgrid, opts.resample) if "oracle" in selectors else None
 
     cat_map = None  # detections carry the detector label id (== COCO category id)
     if aset.kind == "voc":
         cat_map = voc_category_map(aset, det.config.id2label)
     gt = coco_ground_truth(aset, ids, cat_map)
 
-    # ---- pass 1: BAViT probabilities (once per image) ------------------------------
+    # ---- pass 1: decode once; BAViT probabilities (once per image) -------------------
     n = len(files)
-    probs = None
     thresholds = opts.thresholds if any(s in selectors for s in ("bavit", "random")) else []
-    rows: list[Row] = []
-    chunk = max(opts.batch_size, 32)
-    total_work = n * (1 + sum(1 for s in selectors if s in ("dense", "oracle")) +
+    total_work = n * (1 + (bavit is not None) + sum(1 for s in selectors if s in ("dense", "oracle")) +
                       len(thresholds) * sum(1 for s in selectors if s in ("bavit", "random")))
+    tick = (lambda k, _total: progress(k, total_work)) if progress else None
+    stage("decoding images")
+    sizes = [det_hw] + ([(bavit.cfg.input_h, bavit.cfg.input_w)] if bavit is not None else [])
+    stores = decode_once(files, sizes, Path(opts.out), tick)
+    det_u8 = stores[0]
+    n_timed = min(opts.timing_images, n)
+    probs = bav_timed = None
     if bavit is not None:
         stage("BAViT")
-        probs = np.zeros((n,) + bavit.cfg.grid_shape, dtype=np.float32)
-    # decode once: detector-size inputs for all rows, BAViT-size inputs for BAViT
-    stage("decoding images")
-    det_u8 = _image_store(n, det_hw, Path(opts.out))
-    sizes = [det_hw] + ([(bavit.cfg.input_h, bavit.cfg.input_w)] if bavit is not None else [])
-    n_timed = min(opts.timing_images, n)
-    bav_timed = []  # BAViT inputs of the timed images, so timing sees what evaluation saw
-    for s in range(0, n, chunk):
-        bav_batch = []
-        for k in range(s, min(s + chunk, n)):
-            resized = load_image_sizes(files[k], sizes)
-            det_u8[k] = resized[0]
-            if bavit is not None:
-                bav_batch.append(resized[1])
-                if k < n_timed:
-                    bav_timed.append(resized[1])
-        if bavit is not None:
-            probs[s:s + len(bav_batch)] = infer_probs(bavit, np.stack(bav_batch), opts.batch_size, device)
-        if progress:
-            progress(min(chunk, n - s), total_work)
+        probs = infer_probs(bavit, stores[1], opts.batch_size, device, tick)
+        bav_timed = stores[1][:n_timed]  # timing sees the BAViT inputs evaluation saw
 
-    def bavit_keep(t: float) -> np.ndarray:
-        g = fg_from_probs(probs, t)
-        if opts.postprocess_steps:
-            g = refine(g, opts.postprocess_steps)
-        return resample_grid(g, dgrid, opts.resample)
-
+    rows: list[Row] = []
     for sel in selectors:
         if sel == "dense":
-            rows.append(Row("dense", float("nan"), np.ones((n,) + dgrid, dtype=bool)))
+            rows.append(Row("dense", float("nan"), dense_keep(n, dgrid)))
         elif sel == "oracle":
             rows.append(Row("oracle", float("nan"), oracle))
         elif sel == "bavit":
-            rows += [Row("bavit", t, bavit_keep(t)) for t in thresholds]
+            rows += [Row("bavit", t, bavit_keep(probs, t, dgrid, opts.resample, opts.postprocess_steps))
+                     for t in thresholds]
         elif sel == "random":
             for t in thresholds:
-                ref = bavit_keep(t)
-                rng = np.random.default_rng([opts.seed, int(round(t * 1e6))])
-                keep = np.zeros_like(ref)
-                flat = keep.reshape(n, -1)
-                for i in range(n):
-                    k = int(ref[i].sum())
-                    flat[i, rng.choice(flat.shape[1], size=k, replace=False)] = True
-                rows.append(Row("random", t, keep))
+                ref = bavit_keep(probs, t, dgrid, opts.resample, opts.postprocess_steps)
+                rows.append(Row("random", t, random_keep(ref, [opts.seed, int(round(t * 1e6))])))
 
     # ---- pass 2: detections per row --------------------------------------------------
     stage("detecting")
@@ -267,23 +233,9 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
         results.append(r)
 
     out = Path(opts.out)
-    _write_outputs(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start)
+    write_results(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start)
     return {"out": str(out), "rows": results, "n_images": n, "missing_images": len(missing),
             "seconds": time.perf_counter() - t_start}
-
-
-def _image_store(n: int, hw, out: Path, limit: int = 2 << 30) -> np.ndarray:
-    """(n, h, w, 3) uint8 for the decoded detector inputs: in memory, or a memory-mapped
-    temporary file beside the results when it would exceed ``limit`` bytes (COCO val at
-    512² is 3.9 GB). The file is unlinked at once, so it disappears with the array."""
-    shape = (n, hw[0], hw[1], 3)
-    if n * hw[0] * hw[1] * 3 <= limit:
-        return np.empty(shape, dtype=np.uint8)
-    import tempfile
-
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out, prefix=".images-", suffix=".u8") as f:
-        return np.memmap(f.name, dtype=np.uint8, mode="w+", shape=shape)
 
 
 def _device_name(device) -> str:
@@ -321,7 +273,7 @@ def _time_row(det, bavit, row, t_idx, det_u8, bav_timed, opts, device, dtype, la
                 g = (1.0 - p.float()) < t
                 if opts.postprocess_steps:
                     g = torch.as_tensor(refine(g.cpu().numpy(), opts.postprocess_steps), device=device)
-                k = _resample_torch(g, dgrid)
+                k = resample_torch(g, dgrid)
                 return _pruned(det, x, k, layout, autocast)
 
             fns["full"] = full
@@ -341,13 +293,6 @@ def _time_row(det, bavit, row, t_idx, det_u8, bav_timed, opts, device, dtype, la
     }
 
 
-def _resample_torch(g: torch.Tensor, shape) -> torch.Tensor:
-    """resample_grid(mode="nearest") on a (B, gh, gw) tensor, staying on its device."""
-    ri = torch.as_tensor(nearest_index(g.shape[-2], shape[0]), device=g.device)
-    ci = torch.as_tensor(nearest_index(g.shape[-1], shape[1]), device=g.device)
-    return g[:, ri][:, :, ci]
-
-
 def _dense(det, x, autocast):
     with torch.autocast(**autocast):
         return det(pixel_values=x)
@@ -358,59 +303,3 @@ def _pruned(det, x, keep, layout, autocast):
         return pruned_forward(det, x, keep, layout=layout)
 
 
-def _row_name(sel: str, t: float) -> str:
-    return sel if math.isnan(t) else f"{sel}_{t:.2f}"
-
-
-def _write_outputs(out: Path, results, rows, opts, aset, ids, missing, det, bavit, layout, seconds):
-    out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in results:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    for row in rows:
-        atomic_write_text(out / "detections" / f"{_row_name(row.selector, row.threshold)}.json",
-                          json.dumps(row.detections))
-    import transformers
-
-    meta = {
-        "format": "bavit-prune-eval/1",
-        "bavit_version": __version__,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
-        "layout": layout,
-        "dataset": aset.kind,
-        "source_sha256": sha256_file(aset.source_files[0]) if aset.kind == "coco" else None,
-        "model_sha256": sha256_file(Path(opts.model) / "model.safetensors") if opts.model else None,
-        "labels_sha256": sha256_file(opts.labels) if opts.labels else None,
-        "detector_config": det.config.to_dict() if hasattr(det.config, "to_dict") else None,
-        "bavit": asdict(bavit.cfg) if bavit else None,
-        "n_images": len(ids),
-        "missing_images": len(missing),
-        "rows": [_row_name(r.selector, r.threshold) for r in rows],
-        "per_image_sparsity": {_row_name(r.selector, r.threshold):
-                               np.round(1 - r.keep.reshape(len(ids), -1).mean(axis=1), 4).tolist() for r in rows},
-        "image_ids": [int(i) for i in ids],
-        "seconds": seconds,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1, default=str))
-    atomic_write_text(out / "results.csv", buf.getvalue())
-
-
-def read_results(results_dir) -> list[dict]:
-    p = Path(results_dir) / "results.csv"
-    if not p.is_file():
-        raise InputFileError(p, "results file not found (run bavit prune-eval first)")
-    with open(p) as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k, v in r.items():
-            if k not in ("selector", "device", "dtype"):
-                try:
-                    r[k] = float(v)
-                except (TypeError, ValueError):
-                    pass
-    return rows

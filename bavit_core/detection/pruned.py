@@ -1,4 +1,4 @@
-"""YOLOS (Hugging Face transformers) and its pruned forward.
+"""The pruned YOLOS forward: only CLS, detection tokens and kept patch tokens are computed.
 
 The pruned forward is a small patch over transformers' own modules, in the spirit of
 ToMe: it calls YOLOS's embeddings, the Linear/LayerNorm modules of every
@@ -25,70 +25,12 @@ different numbers of tokens; two layouts are offered:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import BavitError, InputFileError, OptionError
-
 LAYOUTS = ("pack", "pad")
-
-
-IMAGE_MEAN = (0.485, 0.456, 0.406)  # YOLOS's input normalisation (ImageNet statistics)
-IMAGE_STD = (0.229, 0.224, 0.225)
-
-
-def load_detector(name_or_path: str, device="cpu"):
-    """YolosForObjectDetection from a local HF directory or a hub name (needs a network)."""
-    from transformers import YolosForObjectDetection
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    p = Path(name_or_path)
-    looks_local = p.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local:
-        if not p.is_dir():
-            raise InputFileError(p, "detector directory not found (expected a Hugging Face model directory)")
-        if not (p / "config.json").is_file():
-            raise InputFileError(p, "not a Hugging Face model directory (config.json missing)")
-    try:
-        model = YolosForObjectDetection.from_pretrained(str(name_or_path), attn_implementation="sdpa")
-    except OSError as exc:
-        where = "local directory" if looks_local else "hub model"
-        raise BavitError(
-            f"cannot load detector {name_or_path!r} as a {where} ({str(exc).splitlines()[0][:160]}); "
-            "without a network pass --detector PATH to a local Hugging Face YOLOS directory"
-        ) from None
-    except (ValueError, KeyError) as exc:
-        raise InputFileError(name_or_path, f"not a YOLOS detector ({str(exc).splitlines()[0][:160]})") from None
-    if model.config.model_type != "yolos":
-        raise InputFileError(name_or_path, f"not a YOLOS detector (model_type {model.config.model_type!r})")
-    return model.float().to(device).eval()  # weights may be stored in half precision
-
-
-def export_detector(src: str, dest: str | Path, half: bool = True) -> Path:
-    """Copy a detector to ``dest`` in HF layout, in fp16 by default (half the size; it is
-    loaded back as fp32)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    m = load_detector(src)
-    if half:
-        m = m.half()
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    m.save_pretrained(dest)
-    return dest
-
-
-def detector_grid(model, size: tuple[int, int]) -> tuple[int, int]:
-    """The detector's token grid at input ``size`` (h, w); the patch must divide it."""
-    p = model.config.patch_size
-    if size[0] % p or size[1] % p:
-        raise OptionError(f"--detector-size {tuple(size)} is not divisible by the detector patch {p}")
-    return size[0] // p, size[1] // p
 
 
 @dataclass
@@ -250,90 +192,3 @@ def masked_reference_forward(model, pixel_values: torch.Tensor, keep: torch.Tens
     h = _encode(vit, emb, attend, mid)
     det = h[:, -n_det:]
     return PrunedOutput(model.class_labels_classifier(det), model.bbox_predictor(det).sigmoid(), h, keep.sum(1))
-
-
-def tiny_yolos_config(name: str = "tiny", num_labels: int = 91, image_size=(512, 512), **over):
-    """Named YOLOS configs: ``tiny`` is hustvl/yolos-tiny's shape; ``micro`` and ``nano``
-    are small ones for generated datasets, tests and the demo."""
-    from transformers import YolosConfig
-
-    presets = {
-        "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
-                     num_detection_tokens=100),
-        "micro": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
-                      num_detection_tokens=20),
-        "nano": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                     num_detection_tokens=10),
-    }
-    if name not in presets:
-        raise BavitError(f"unknown detector config {name!r}; choose one of {', '.join(presets)}")
-    kw = dict(presets[name], image_size=list(image_size), patch_size=16, num_labels=num_labels,
-              use_mid_position_embeddings=False)
-    kw.update(over)
-    cfg = YolosConfig(**kw)
-    cfg._attn_implementation = "sdpa"
-    return cfg
-
-
-def init_new_yolos(model, seed: int = 0) -> None:
-    """Initialise what transformers leaves at zero in a YOLOS built from a config: the CLS
-    token, the detection tokens and the (mid-layer) position embeddings. The original YOLOS
-    draws them from a truncated normal (std 0.02); left at zero, patch tokens carry no
-    position and all detection tokens start identical, and from-scratch training stalls
-    (the class loss sat at its chance level for thousands of steps in our runs)."""
-    g = torch.Generator().manual_seed(seed)
-    emb = model.vit.embeddings
-    params = [emb.cls_token, emb.detection_tokens, emb.position_embeddings]
-    interp = getattr(model.vit.encoder, "interpolation", None)
-    if interp is not None:
-        params.append(interp.mid_position_embeddings)
-    with torch.no_grad():
-        for p in params:
-            p.copy_((torch.randn(p.shape, generator=g) * 0.02).clamp_(-0.04, 0.04))
-
-
-def init_encoder_from_bavit(model, bavit) -> int:
-    """Copy a trained BAViT's patch embedding, patch position embeddings and encoder blocks
-    into the first layers of a YOLOS of the same width and head count (timm's fused qkv is
-    split into YOLOS's query/key/value). The detector then starts from features that
-    already separate FG from BG. Returns the number of layers copied."""
-    cfg, vit = model.config, bavit.vit
-    d = vit.embed_dim
-    if d != cfg.hidden_size or bavit.cfg.num_heads != cfg.num_attention_heads:
-        raise BavitError(f"BAViT (width {d}, {bavit.cfg.num_heads} heads) does not match the detector "
-                         f"(width {cfg.hidden_size}, {cfg.num_attention_heads} heads)")
-    if bavit.cfg.patch != cfg.patch_size or len(vit.blocks) > cfg.num_hidden_layers:
-        raise BavitError(f"BAViT (patch {bavit.cfg.patch}, {len(vit.blocks)} layers) does not fit the detector "
-                         f"(patch {cfg.patch_size}, {cfg.num_hidden_layers} layers)")
-    if vit.blocks[0].mlp.fc1.out_features != cfg.intermediate_size:
-        raise BavitError("BAViT's MLP width differs from the detector's intermediate size")
-    emb = model.vit.embeddings
-    gh, gw = bavit.cfg.grid_shape
-    dh, dw = detector_grid(model, cfg.image_size)
-    pos = vit.pos_embed.detach().reshape(1, gh, gw, d).permute(0, 3, 1, 2)
-    if (gh, gw) != (dh, dw):
-        pos = F.interpolate(pos, size=(dh, dw), mode="bicubic", align_corners=False)
-    with torch.no_grad():
-        emb.patch_embeddings.projection.weight.copy_(vit.patch_embed.proj.weight)
-        emb.patch_embeddings.projection.bias.copy_(vit.patch_embed.proj.bias)
-        emb.position_embeddings[0, 1:1 + dh * dw] = pos.flatten(2).transpose(1, 2)[0]
-        for blk, layer in zip(vit.blocks, model.vit.encoder.layer):
-            q, k, v = blk.attn.qkv.weight.chunk(3, dim=0)
-            qb, kb, vb = blk.attn.qkv.bias.chunk(3, dim=0)
-            att = layer.attention.attention
-            for lin, w, b in ((att.query, q, qb), (att.key, k, kb), (att.value, v, vb)):
-                lin.weight.copy_(w)
-                lin.bias.copy_(b)
-            pairs = ((layer.attention.output.dense, blk.attn.proj), (layer.layernorm_before, blk.norm1),
-                     (layer.layernorm_after, blk.norm2), (layer.intermediate.dense, blk.mlp.fc1),
-                     (layer.output.dense, blk.mlp.fc2))
-            for dst, src in pairs:
-                dst.weight.copy_(src.weight)
-                dst.bias.copy_(src.bias)
-    return len(vit.blocks)
-
-
-def yolos_macs(n_tokens: float, hidden: int, mlp: int, layers: int) -> float:
-    """Encoder MACs for n tokens: per layer 4·N·d² (qkv, proj) + 2·N·d·mlp + 2·N²·d (attention).
-    With mlp = 4d this is the familiar 12·N·d² + 2·N²·d."""
-    return layers * (4 * n_tokens * hidden ** 2 + 2 * n_tokens * hidden * mlp + 2 * n_tokens ** 2 * hidden)

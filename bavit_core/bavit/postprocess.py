@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import OptionError
+from ..runtime.errors import OptionError
 from .metrics import grid_metrics
 
 KERNELS = {

@@ -1,0 +1,1 @@
+"""prune-eval: the sweep of token selectors and operating points over a dataset, its results files, and timing."""

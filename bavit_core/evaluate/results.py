@@ -1,0 +1,83 @@
+"""prune-eval's results directory: results.csv (one row per operating point), the
+detections of every row, meta.json; and its reader."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..detection.cocoeval import STAT_NAMES
+from ..runtime.errors import InputFileError
+from ..runtime.fileio import atomic_write_text, sha256_file
+
+CSV_COLUMNS = (
+    "selector", "threshold", "sparsity", *STAT_NAMES, "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens",
+    "total_tokens", "token_reduction_pct", "gflops", "latency_ms", "throughput_ips", "dense_latency_ms",
+    "speedup", "detector_speedup", "flop_speedup", "peak_mem_mb", "device", "dtype", "batch_size", "n_images",
+)
+
+
+def row_name(sel: str, t: float) -> str:
+    return sel if math.isnan(t) else f"{sel}_{t:.2f}"
+
+
+def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit, layout, seconds):
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in results:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    for row in rows:
+        atomic_write_text(out / "detections" / f"{row_name(row.selector, row.threshold)}.json",
+                          json.dumps(row.detections))
+    import transformers
+
+    meta = {
+        "format": "bavit-prune-eval/1",
+        "bavit_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
+        "layout": layout,
+        "dataset": aset.kind,
+        "source_sha256": sha256_file(aset.source_files[0]) if aset.kind == "coco" else None,
+        "model_sha256": sha256_file(Path(opts.model) / "model.safetensors") if opts.model else None,
+        "labels_sha256": sha256_file(opts.labels) if opts.labels else None,
+        "detector_config": det.config.to_dict() if hasattr(det.config, "to_dict") else None,
+        "bavit": asdict(bavit.cfg) if bavit else None,
+        "n_images": len(ids),
+        "missing_images": len(missing),
+        "rows": [row_name(r.selector, r.threshold) for r in rows],
+        "per_image_sparsity": {row_name(r.selector, r.threshold):
+                               np.round(1 - r.keep.reshape(len(ids), -1).mean(axis=1), 4).tolist() for r in rows},
+        "image_ids": [int(i) for i in ids],
+        "seconds": seconds,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1, default=str))
+    atomic_write_text(out / "results.csv", buf.getvalue())
+
+
+def read_results(results_dir) -> list[dict]:
+    p = Path(results_dir) / "results.csv"
+    if not p.is_file():
+        raise InputFileError(p, "results file not found (run bavit prune-eval first)")
+    with open(p) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("selector", "device", "dtype"):
+                try:
+                    r[k] = float(v)
+                except (TypeError, ValueError):
+                    pass
+    return rows

@@ -1,0 +1,69 @@
+"""Options of ``bavit finetune`` and their validation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..runtime.errors import OptionError
+
+SELECTORS = ("none", "oracle", "bavit")
+
+
+@dataclass
+class FinetuneOptions:
+    dataset: str = "coco"
+    root: str | None = None
+    split: str | None = None
+    ann: str | None = None
+    images: str | None = None
+    val_split: str | None = None
+    val_labels: str | None = None
+    val_fraction: float = 0.1
+    detector: str | None = None
+    from_scratch: bool = False
+    detector_config: str = "micro"
+    num_detection_tokens: int | None = None
+    init_encoder: str | None = None  # with from_scratch: a BAViT run whose layers start the encoder
+    dense_aux: float = 0.0  # weight of the per-token auxiliary loss (dense_aux.py); 0 = off
+    detector_size: tuple = (512, 512)
+    selector: str = "none"
+    labels: str | None = None
+    model: str | None = None
+    threshold: float = 0.5
+    resample: str = "nearest"
+    epochs: int | None = 30  # None on resume: keep the run's own
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"
+    step_size: int = 20
+    gamma: float = 0.1
+    clip_grad: float = 0.1
+    flip: bool = True
+    seed: int = 0
+    amp: bool = True
+    device: str = "auto"
+    max_images: int | None = None
+    out: str = "detectors/yolos-F"
+
+    def validate(self):
+        if self.selector not in SELECTORS:
+            raise OptionError(f"unknown --selector {self.selector!r}; choose one of {', '.join(SELECTORS)}")
+        if self.selector == "oracle" and not self.labels:
+            raise OptionError("--selector oracle needs --labels PARQUET")
+        if self.selector == "bavit" and not self.model:
+            raise OptionError("--selector bavit needs --model RUN")
+        if not self.from_scratch and not self.detector:
+            raise OptionError("give --detector NAME|DIR to fine-tune, or --from-scratch --detector-config NAME")
+        if self.from_scratch and self.detector:
+            raise OptionError("--from-scratch builds a new detector: drop --detector")
+        if self.init_encoder and not self.from_scratch:
+            raise OptionError("--init-encoder starts a new detector's encoder: it needs --from-scratch")
+        if self.dense_aux < 0:
+            raise OptionError(f"--dense-aux must be >= 0, got {self.dense_aux}")
+        if self.epochs is None or self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise OptionError("--epochs, --batch-size and --lr must be positive")
+        if self.schedule not in ("cosine", "step"):
+            raise OptionError("--schedule must be cosine or step")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise OptionError(f"--threshold must be in [0, 1], got {self.threshold}")

@@ -1,0 +1,1 @@
+"""Runtime underneath every stage: errors, atomic file I/O, devices, torchrun helpers."""

@@ -1,3 +1,0 @@
-"""Class names of the generated datasets (bavit synth)."""
-
-CLASS_NAMES = ("triangle", "rectangle", "ellipse", "star", "hexagon")

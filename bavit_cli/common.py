@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bavit_core.runtime.launch import is_main_process
 from bavit_core.runtime.errors import BavitError
 
 console = Console()
@@ -29,6 +30,8 @@ def cli_command(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except BavitError as exc:
+            if not is_main_process():  # under torchrun every rank raises the same error: print it once
+                raise typer.Exit(code=1)
             fail(str(exc))
         except KeyboardInterrupt:
             err_console.print("Interrupted; no output was left half-written.")

@@ -8,6 +8,8 @@ import typer
 
 from bavit_core.bavit.predict import predict as run_predict
 
+from bavit_core.runtime.launch import is_main_process
+
 from .common import cli_command, console, kv_table, print_table, progress_bar
 
 
@@ -26,9 +28,13 @@ def predict(
     \b
     Example:
         bavit predict --model runs/bavit-small --labels val.parquet --out preds.parquet
+    Scale out:  torchrun --nproc_per_node 2 -m bavit_cli predict --model runs/bavit-small ...
     """
+    main = is_main_process()
     with progress_bar("predict") as progress:
-        r = run_predict(model, out, labels, images, threshold, batch_size, device, progress)
+        r = run_predict(model, out, labels, images, threshold, batch_size, device, progress if main else None)
+    if not main:
+        return
     rows = [("images", r["images"]), ("missing images", r["missing"]), ("predicted sparsity", f"{r['sparsity']:.3f}"),
             ("images/s", f"{r['images_per_s']:.1f}")]
     if r["metrics"]:

@@ -15,6 +15,7 @@ from .. import __version__
 from ..data.images import list_images, load_image_sized, resolve_paths
 from ..labels import META_KEY, fixed_list_to_numpy, read_labels, read_parquet_table
 from ..runtime.devices import resolve_device
+from ..runtime.distributed import Dist
 from ..runtime.errors import InputFileError, OptionError
 from ..runtime.fileio import atomic_path, sha256_file
 from .inference import fg_from_probs, infer_probs
@@ -52,7 +53,7 @@ def predict(
     """Run BAViT on the images of a labels file (GT kept) or on every image of a folder."""
     if not 0.0 <= threshold <= 1.0:
         raise OptionError(f"--threshold must be in [0, 1], got {threshold}")
-    dev = resolve_device(device)
+    dev = Dist.local_device(resolve_device(device))
     model = load_bavit(model_dir, device=dev)
     cfg = model.cfg
     gt = None
@@ -83,15 +84,28 @@ def predict(
     if len(paths) == 0:
         raise InputFileError(img_dir, "none of the listed images is there")
     t0 = time.perf_counter()
-    probs = []
-    chunk = max(batch_size, 256)
-    for s in range(0, len(paths), chunk):
-        arr = []
-        for k, p in enumerate(paths[s:s + chunk]):
-            a, (heights[s + k], widths[s + k]) = load_image_sized(p, (cfg.input_h, cfg.input_w))
-            arr.append(a)
-        probs.append(infer_probs(model, np.stack(arr), batch_size, dev, progress))
-    probs = np.concatenate(probs)
+    dist = Dist(dev)
+    try:
+        mine = dist.shard(len(paths))  # under torchrun: this process's block of the images
+
+        def infer_shard():
+            probs, sizes = [], np.zeros((len(mine), 2), np.int64)
+            chunk = max(batch_size, 256)
+            for s in range(0, len(mine), chunk):
+                arr = []
+                for k, i in enumerate(mine[s:s + chunk]):
+                    a, sizes[s + k] = load_image_sized(paths[i], (cfg.input_h, cfg.input_w))
+                    arr.append(a)
+                probs.append(infer_probs(model, np.stack(arr), batch_size, dev, progress))
+            gh, gw = cfg.grid_shape
+            return (np.concatenate(probs) if probs else np.zeros((0, gh, gw), np.float32)), sizes
+
+        parts = dist.run_shard(infer_shard)
+    finally:
+        dist.close()
+    probs = np.concatenate([p for p, _ in parts])
+    sizes = np.concatenate([z for _, z in parts])
+    heights, widths = sizes[:, 0], sizes[:, 1]
     seconds = time.perf_counter() - t0
     grids = fg_from_probs(probs, threshold)
     meta = {
@@ -112,7 +126,9 @@ def predict(
     metrics = grid_metrics(grids, gt) if gt is not None else None
     if metrics:
         meta["metrics"] = metrics
-    write_predictions(out, ids, names, widths, heights, probs, grids, gt, meta)
+    meta["world_size"] = dist.world
+    if dist.main:
+        write_predictions(out, ids, names, widths, heights, probs, grids, gt, meta)
     return {"out": str(out), "images": len(ids), "missing": len(missing), "seconds": seconds,
             "images_per_s": len(ids) / seconds if seconds else 0.0, "metrics": metrics,
             "sparsity": float(1 - grids.mean())}

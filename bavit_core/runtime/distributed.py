@@ -1,14 +1,31 @@
-"""torchrun / PyTorch DDP context, and the seeded epoch order every rank shares."""
+"""torchrun / PyTorch distributed context: ranks, reductions, image shards and gathers for
+sharded evaluation, and the seeded epoch order every rank shares.
+
+Sharded evaluation (predict, prune-eval) gives each process a contiguous block of the
+images (:meth:`Dist.shard`), so concatenating the blocks in rank order restores the
+single-process order exactly; :meth:`Dist.gather` collects every rank's part, and an
+error raised on any rank is turned into the same error on every rank
+(:meth:`Dist.run_shard`) instead of leaving the others waiting in a collective."""
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
 
+T = TypeVar("T")
+
+
+def shard_block(n: int, rank: int, world: int) -> np.ndarray:
+    """Indices of ``rank``'s contiguous block when ``range(n)`` is split over ``world``
+    processes; the first ``n % world`` blocks hold one item more."""
+    return np.array_split(np.arange(n), world)[rank]
+
+
 class Dist:
-    """torchrun / DDP context: rank, world size, reductions."""
+    """torchrun / DDP context: rank, world size, reductions, shards and gathers."""
 
     @staticmethod
     def local_device(device: torch.device) -> torch.device:
@@ -54,6 +71,38 @@ class Dist:
             q.grad = flat[off:off + g.numel()].view_as(g).clone()
             off += g.numel()
 
+    def shard(self, n: int) -> np.ndarray:
+        """This rank's contiguous block of ``range(n)`` (blocks differ by at most one item;
+        concatenated in rank order they are ``range(n)``)."""
+        return shard_block(n, self.rank, self.world)
+
+    def gather(self, part: T) -> list[T]:
+        """Every rank's ``part`` (any picklable object), in rank order, on every rank."""
+        if not self.enabled:
+            return [part]
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, part)
+        return parts
+
+    def run_shard(self, fn: Callable[[], T]) -> list[T]:
+        """Run ``fn`` on this rank's shard and gather its results from all ranks. A BavitError
+        on any rank is re-raised on every rank (lowest rank's message), so no process is
+        left waiting for one that failed."""
+        from .errors import BavitError
+
+        try:
+            mine = ("ok", fn())
+        except BavitError as exc:
+            if not self.enabled:
+                raise
+            mine = ("error", (type(exc), str(exc)))
+        parts = self.gather(mine)
+        for status, payload in parts:
+            if status == "error":
+                kind, message = payload
+                raise BavitError(message) if not issubclass(kind, BavitError) else _rebuild(kind, message)
+        return [payload for _, payload in parts]
+
     def barrier(self):
         if self.enabled:
             torch.distributed.barrier()
@@ -69,3 +118,12 @@ def epoch_order(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     samples per step as one process with batch N·b."""
     g = np.random.default_rng([seed, epoch])
     return g.permutation(n), g.random(n) < 0.5
+
+
+def _rebuild(kind, message: str):
+    """An exception of ``kind`` carrying exactly ``message`` (InputFileError takes a path)."""
+    from .errors import BavitError
+
+    exc = BavitError.__new__(kind)
+    Exception.__init__(exc, message)
+    return exc

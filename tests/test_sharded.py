@@ -1,0 +1,89 @@
+"""Sharded evaluation under torchrun (2 CPU processes, gloo): results equal one process."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bavit_core.bavit.predict import read_predictions
+from bavit_core.bavit.train import TrainOptions, train_bavit
+from bavit_core.data import open_dataset
+from bavit_core.data.grid import GridSpec
+from bavit_core.labels import LabelOptions, label_dataset
+from bavit_core.runtime.distributed import Dist, shard_block
+
+from .cli_helpers import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("n,world", [(0, 2), (1, 2), (7, 2), (10, 3), (5, 8)])
+def test_shards_are_contiguous_blocks_that_restore_the_order(n, world):
+    blocks = [shard_block(n, r, world) for r in range(world)]
+    assert np.array_equal(np.concatenate(blocks), np.arange(n))
+    sizes = [len(b) for b in blocks]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_single_process_run_shard_reraises_and_gathers_one_part():
+    from bavit_core.runtime.errors import InputFileError
+
+    d = Dist.__new__(Dist)
+    d.world, d.rank, d.enabled = 1, 0, False
+    assert d.run_shard(lambda: 41) == [41]
+    with pytest.raises(InputFileError, match="x.jpg: broken"):
+        d.run_shard(lambda: (_ for _ in ()).throw(InputFileError("x.jpg", "broken")))
+
+
+def torchrun(*args, timeout=300):
+    with socket.socket() as sock:  # a free port, so reruns never meet a socket in TIME_WAIT
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "bavit_cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def bavit_run(coco_synth, tmp_path_factory):
+    d = tmp_path_factory.mktemp("shard")
+    aset = open_dataset("coco", root=coco_synth, split="val2017", need_masks=True)
+    label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(64, 64, 16)), d / "val.parquet")
+    aset = open_dataset("coco", root=coco_synth, split="train2017", need_masks=True)
+    label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(64, 64, 16)), d / "train.parquet")
+    train_bavit(TrainOptions(labels=str(d / "train.parquet"), epochs=1, batch_size=8, out=str(d / "run")))
+    return d
+
+
+def test_predict_on_two_processes_equals_one_process(bavit_run, tmp_path):
+    args = ["predict", "--model", bavit_run / "run", "--labels", bavit_run / "val.parquet", "--batch-size", "1"]
+    res = torchrun(*args, "--out", tmp_path / "two.parquet")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("Wrote ") == 1  # only rank 0 reports
+    code, _, err = run_cli(*args, "--out", tmp_path / "one.parquet")
+    assert code == 0, err
+    a, b = read_predictions(tmp_path / "two.parquet"), read_predictions(tmp_path / "one.parquet")
+    assert a.meta["world_size"] == 2 and b.meta["world_size"] == 1
+    assert np.array_equal(a.image_ids, b.image_ids) and a.file_names == b.file_names
+    assert np.array_equal(a.widths, b.widths) and np.array_equal(a.heights, b.heights)
+    assert np.array_equal(a.probs, b.probs) and np.array_equal(a.grids, b.grids) and np.array_equal(a.gt, b.gt)
+
+
+def test_an_error_on_one_rank_is_one_line_from_rank_0_and_no_output(bavit_run, coco_synth, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    names = sorted(p.name for p in (coco_synth / "val2017").iterdir())
+    for n in names:
+        (images / n).write_bytes((coco_synth / "val2017" / n).read_bytes())
+    (images / names[-1]).write_bytes(b"not a jpeg")  # in the last block: rank 1's shard only
+    res = torchrun("predict", "--model", bavit_run / "run", "--images", images, "--out", tmp_path / "p.parquet")
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert lines == [f"Error: {images / names[-1]}: unreadable image (UnidentifiedImageError)"], res.stderr[-2000:]
+    # torchrun's launcher adds its own failure summary; nothing of ours is a traceback
+    assert "bavit_core" not in res.stderr and "bavit_cli/" not in res.stderr
+    assert not (tmp_path / "p.parquet").exists()

@@ -56,8 +56,9 @@ class StageProgress:
     """
 
     def __init__(self, description: str, stages: int | None, unit: str, prog: Progress | None, interval: float,
-                 total: int | None = None):
+                 total: int | None = None, epochs: int | None = None):
         self.description, self.n_stages, self.unit, self.interval = description, stages, unit, interval
+        self.epochs = epochs  # the library reports per-epoch totals: show the whole run's and the epoch
         self.prog, self.task = prog, None
         self.index, self.name, self.sub = 0, description, None
         self.done, self.total = 0, None
@@ -81,10 +82,11 @@ class StageProgress:
             if self.index == 0:
                 self._start(self.description)
             if total is not None:
-                self.total = total
+                self.per_epoch = total
+                self.total = total * self.epochs if self.epochs else total
             self.done += advance
             if self.prog is not None:
-                self.prog.update(self.task, total=self.total, completed=self.done)
+                self.prog.update(self.task, total=self.total, completed=self.done, description=self._label())
 
     def stage(self, name: str, unit: str | None = None) -> None:
         with self.lock:
@@ -100,7 +102,7 @@ class StageProgress:
     def _start(self, name: str, unit: str | None = None) -> None:
         self.index += 1
         self.name, self.sub, self.done, self.total = name, None, 0, None
-        if unit:
+        if unit is not None:
             self.unit = unit
         self._describe()
         self.last_line = time.monotonic()  # off a terminal a stage's line comes when it ends (or every interval)
@@ -108,6 +110,8 @@ class StageProgress:
     def _label(self) -> str:
         of = f"/{max(self.n_stages or 1, self.index)}"
         sub = f" ({self.sub})" if self.sub else ""
+        if self.epochs and getattr(self, "per_epoch", None):
+            sub += f" epoch {min(self.done // self.per_epoch + 1, self.epochs)}/{self.epochs}"
         return f"stage {self.index}{of} {self.name}{sub}"
 
     def _describe(self) -> None:
@@ -119,8 +123,11 @@ class StageProgress:
             self.prog.reset(self.task, total=None, description=self._label())
 
     def line(self) -> str:
+        elapsed = f"{_clock(time.monotonic() - self.t0)} elapsed"
+        if not self.unit and not self.done:  # a stage that counts nothing (loading)
+            return f"{self._label()}, {elapsed}"
         count = f"{self.done}/{self.total if self.total is not None else '?'}"
-        return f"{self._label()}: {count} {self.unit}, {_clock(time.monotonic() - self.t0)} elapsed"
+        return f"{self._label()}: {count} {self.unit}, {elapsed}"
 
     def _line(self) -> None:
         err_console.print(self.line(), highlight=False, markup=False, soft_wrap=True)
@@ -143,15 +150,15 @@ class StageProgress:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None, stages: int | None = None, unit: str = "images",
-                 interval: float = 30.0) -> Iterator[StageProgress]:
+                 interval: float = 30.0, epochs: int | None = None) -> Iterator[StageProgress]:
     """Yield a :class:`StageProgress`: a rich bar on a terminal, plain numbered lines on
-    stderr otherwise (``stages``: how many the command has; ``None`` counts them as they
-    come)."""
+    stderr otherwise (``stages``: how many the command has, None for a one-stage command;
+    ``epochs``: the library reports steps per epoch and the run has this many)."""
     if err_console.is_terminal:
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn()]
         with Progress(*columns, console=err_console, transient=True) as prog:
-            p = StageProgress(description, stages, unit, prog, interval, total)
+            p = StageProgress(description, stages, unit, prog, interval, total, epochs)
             ok = False
             try:
                 yield p
@@ -159,7 +166,7 @@ def progress_bar(description: str, total: int | None = None, stages: int | None 
             finally:
                 p.close(ok)
     else:
-        p = StageProgress(description, stages, unit, None, interval, total)
+        p = StageProgress(description, stages, unit, None, interval, total, epochs)
         ok = False
         try:
             yield p

@@ -364,44 +364,29 @@ def _time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, ti
     ac = _autocast(device, dtype)
     xs = [to_input(det_u8[s:s + bs], IMAGE_MEAN, IMAGE_STD, device).to(dtype) for s in range(0, n_t, bs)]
     fns: dict[str, Callable] = {}
-
-    def dense():
-        for x in xs:
-            with torch.autocast(**ac):
-                det(pixel_values=x)
-
-    fns["dense"] = dense
+    warm: dict[str, Callable] = {}  # the same work on the first batch: warm-up and memory probe
+    fns["dense"] = lambda xs=xs: _dense(det, xs, ac)
+    warm["dense"] = lambda: _dense(det, xs[:1], ac)
     if bavit is not None and any(r.selector == "bavit" for r in rows):
         xbs = [to_input(bav_u8[s:s + bs], bavit.cfg.mean, bavit.cfg.std, device) for s in range(0, n_t, bs)]
-
-        def bavit_fn():
-            for xb in xbs:
-                with torch.autocast(**ac):
-                    bavit.fg_prob(xb.to(dtype) if dtype != torch.float32 else xb)
-
-        fns["bavit"] = bavit_fn
+        if dtype != torch.float32:
+            xbs = [xb.to(dtype) for xb in xbs]
+        fns["bavit"] = lambda: _bavit(bavit, xbs, ac)
+        warm["bavit"] = lambda: _bavit(bavit, xbs[:1], ac)
     keeps = {}
     for k, row in enumerate(rows):
         if row.selector == "dense":
             continue
         keeps[k] = [torch.as_tensor(row.keep[s:min(s + bs, n_t)], device=device) for s in range(0, n_t, bs)]
-
-        def pruned(ks=keeps[k]):
-            for x, kk in zip(xs, ks):
-                with torch.autocast(**ac):
-                    pruned_forward(det, x, kk, layout=layout)
-
-        fns[f"row{k}"] = pruned
-    total = opts.timing_repeats * len(fns) + len(fns)
-    samples = time_round_robin(fns, device, repeats=opts.timing_repeats, warmup=1, tick=lambda: tick(1, total))
+        fns[f"row{k}"] = lambda ks=keeps[k]: _pruned(det, xs, ks, layout, ac)
+        warm[f"row{k}"] = lambda ks=keeps[k]: _pruned(det, xs[:1], ks[:1], layout, ac)
+    total = (opts.timing_repeats + 2) * len(fns)
+    samples = time_round_robin(fns, device, repeats=opts.timing_repeats, warmup=1, tick=lambda: tick(1, total),
+                               warmup_fns=warm)
     peaks = {}
-    for name, f in fns.items():
-        first = {"dense": lambda: _dense_once(det, xs[0], ac), "bavit": None}.get(name, None)
-        if name.startswith("row"):
-            kk = keeps[int(name[3:])][0]
-            first = (lambda kk=kk: _pruned_once(det, xs[0], kk, layout, ac))
-        if first is not None:
-            peaks[name] = peak_memory_mb(first, device)
+    for name, f in warm.items():
+        if name != "bavit":
+            peaks[name] = peak_memory_mb(f, device)
         tick(1, total)
     per_img = lambda v: np.asarray(v) / n_t  # noqa: E731
     d = per_img(samples["dense"])
@@ -429,11 +414,19 @@ def _time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, ti
     return out, run
 
 
-def _dense_once(det, x, ac):
-    with torch.autocast(**ac):
-        return det(pixel_values=x)
+def _dense(det, xs, ac):
+    for x in xs:
+        with torch.autocast(**ac):
+            det(pixel_values=x)
 
 
-def _pruned_once(det, x, keep, layout, ac):
-    with torch.autocast(**ac):
-        return pruned_forward(det, x, keep, layout=layout)
+def _bavit(bavit, xbs, ac):
+    for xb in xbs:
+        with torch.autocast(**ac):
+            bavit.fg_prob(xb)
+
+
+def _pruned(det, xs, keeps, layout, ac):
+    for x, k in zip(xs, keeps):
+        with torch.autocast(**ac):
+            pruned_forward(det, x, k, layout=layout)

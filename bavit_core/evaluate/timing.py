@@ -19,17 +19,22 @@ def _sync(device):
 
 
 def time_round_robin(fns: dict[str, Callable[[], object]], device, repeats: int = 3, warmup: int = 1,
-                     tick: Callable[[], None] | None = None) -> dict[str, list[float]]:
+                     tick: Callable[[], None] | None = None,
+                     warmup_fns: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of every function, ``repeats`` samples each, measured round robin:
     each repeat calls every function once, starting one further along the list every time
-    (so no function always runs first). ``warmup`` rounds run first and are discarded.
-    ``tick`` is called after each timed call (progress)."""
+    (so no function always runs first). ``warmup`` rounds run first and are discarded
+    (calling ``warmup_fns`` where given, e.g. the same work on one batch). ``tick`` is
+    called after each warm-up round's and each timed call (progress)."""
     names = list(fns)
     times = {k: [] for k in names}
+    warm = warmup_fns or fns
     with torch.inference_mode():
         for _ in range(warmup):
             for k in names:
-                fns[k]()
+                warm[k]()
+                if tick:
+                    tick()
         _sync(device)
         for r in range(repeats):
             for j in range(len(names)):
@@ -89,14 +94,17 @@ class _AllocTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self._seen: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
         out = func(*args, **(kwargs or {}))
-        flat = out if isinstance(out, (tuple, list)) else (out,)
-        for t in flat:
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                  if isinstance(a, torch.Tensor) and a.device.type == "cpu"}
+        for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t._base is not None or t.device.type != "cpu":
                 continue
             st = t.untyped_storage()
             key, nb = st.data_ptr(), st.nbytes()
-            if nb == 0 or key in self._seen:
+            if nb == 0 or key in self._seen or key in inputs:  # views and in-place results allocate nothing
                 continue
             self._seen.add(key)
             self.live += nb

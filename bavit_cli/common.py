@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+import time
 from typing import Callable, Iterator
 
 import typer
@@ -40,25 +42,140 @@ def cli_command(fn: Callable) -> Callable:
     return wrapper
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class StageProgress:
+    """Progress of a command in numbered stages. Call it as ``progress(advance, total)``
+    (the library's callback); ``stage(name)`` starts the next stage, ``substage(name)``
+    restarts the count inside the current one (e.g. demo's prune-eval). On a terminal a
+    rich bar is drawn; off a terminal one plain line goes to stderr per stage and at least
+    every ``interval`` seconds while a stage runs::
+
+        stage 3/5 detecting: 640/1360 images, 1:12 elapsed
+    """
+
+    def __init__(self, description: str, stages: int | None, unit: str, prog: Progress | None, interval: float,
+                 total: int | None = None, epochs: int | None = None):
+        self.description, self.n_stages, self.unit, self.interval = description, stages, unit, interval
+        self.epochs = epochs  # the library reports per-epoch totals: show the whole run's and the epoch
+        self.prog, self.task = prog, None
+        self.index, self.name, self.sub = 0, description, None
+        self.done, self.total = 0, None
+        self.t0 = time.monotonic()
+        self.last_line = 0.0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = None
+        if stages is None:  # a one-stage command: it starts now
+            self._start(description)
+            self.total = total
+            if prog is not None:
+                prog.update(self.task, total=total)
+        if prog is None:
+            self.thread = threading.Thread(target=self._heartbeat, daemon=True)
+            self.thread.start()
+
+    # -- the library-facing callback
+    def __call__(self, advance: int, total: int | None = None) -> None:
+        with self.lock:
+            if self.index == 0:
+                self._start(self.description)
+            if total is not None:
+                self.per_epoch = total
+                self.total = total * self.epochs if self.epochs else total
+            self.done += advance
+            if self.prog is not None:
+                self.prog.update(self.task, total=self.total, completed=self.done, description=self._label())
+
+    def stage(self, name: str, unit: str | None = None) -> None:
+        with self.lock:
+            if self.index and self.prog is None:
+                self._line()  # close the previous stage with its final count
+            self._start(name, unit)
+
+    def substage(self, name: str) -> None:
+        with self.lock:
+            self.sub, self.done, self.total = name, 0, None
+            self._describe()
+
+    def _start(self, name: str, unit: str | None = None) -> None:
+        self.index += 1
+        self.name, self.sub, self.done, self.total = name, None, 0, None
+        if unit is not None:
+            self.unit = unit
+        self._describe()
+        self.last_line = time.monotonic()  # off a terminal a stage's line comes when it ends (or every interval)
+
+    def _label(self) -> str:
+        of = f"/{max(self.n_stages or 1, self.index)}"
+        sub = f" ({self.sub})" if self.sub else ""
+        if self.epochs and getattr(self, "per_epoch", None):
+            sub += f" epoch {min(self.done // self.per_epoch + 1, self.epochs)}/{self.epochs}"
+        return f"stage {self.index}{of} {self.name}{sub}"
+
+    def _describe(self) -> None:
+        if self.prog is None:
+            return
+        if self.task is None:
+            self.task = self.prog.add_task(self._label(), total=None)
+        else:
+            self.prog.reset(self.task, total=None, description=self._label())
+
+    def line(self) -> str:
+        elapsed = f"{_clock(time.monotonic() - self.t0)} elapsed"
+        if not self.unit and not self.done:  # a stage that counts nothing (loading)
+            return f"{self._label()}, {elapsed}"
+        count = f"{self.done}/{self.total if self.total is not None else '?'}"
+        return f"{self._label()}: {count} {self.unit}, {elapsed}"
+
+    def _line(self) -> None:
+        err_console.print(self.line(), highlight=False, markup=False, soft_wrap=True)
+        self.last_line = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        while not self.stop.wait(min(self.interval, 1.0)):
+            with self.lock:
+                if self.index and time.monotonic() - self.last_line >= self.interval:
+                    self._line()
+
+    def close(self, completed: bool = True) -> None:
+        """Stop; off a terminal, the last stage's line (not after an error: the error line
+        stands alone)."""
+        self.stop.set()
+        with self.lock:
+            if completed and self.prog is None and self.index:
+                self._line()
+
+
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
-    """Yield a ``progress(advance, total)`` callback drawing a rich bar on stderr."""
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as prog:
-        task = prog.add_task(description, total=total)
-
-        def update(advance: int, total_: int | None = None) -> None:
-            if total_ is not None:
-                prog.update(task, total=total_)
-            prog.advance(task, advance)
-
-        yield update
+def progress_bar(description: str, total: int | None = None, stages: int | None = None, unit: str = "images",
+                 interval: float = 30.0, epochs: int | None = None) -> Iterator[StageProgress]:
+    """Yield a :class:`StageProgress`: a rich bar on a terminal, plain numbered lines on
+    stderr otherwise (``stages``: how many the command has, None for a one-stage command;
+    ``epochs``: the library reports steps per epoch and the run has this many)."""
+    if err_console.is_terminal:
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn()]
+        with Progress(*columns, console=err_console, transient=True) as prog:
+            p = StageProgress(description, stages, unit, prog, interval, total, epochs)
+            ok = False
+            try:
+                yield p
+                ok = True
+            finally:
+                p.close(ok)
+    else:
+        p = StageProgress(description, stages, unit, None, interval, total, epochs)
+        ok = False
+        try:
+            yield p
+            ok = True
+        finally:
+            p.close(ok)
 
 
 def kv_table(title: str, rows: list[tuple[str, object]]) -> Table:

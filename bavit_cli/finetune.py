@@ -77,7 +77,7 @@ def finetune(
                           f"L1 {row['train_loss_bbox']:.3f} giou {row['train_loss_giou']:.3f}){v}  "
                           f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}", highlight=False)
 
-    with progress_bar("finetune") as step:
+    with progress_bar("finetune", unit="steps", epochs=opts.epochs) as step:
         r = run_finetune(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch)
     if main:
         sp = "" if r["train_sparsity"] is None else f", training sparsity {r['train_sparsity']:.3f}"

@@ -1,4 +1,4 @@
-"""``bavit prune-eval``: YOLOS computing only the FG tokens, swept over thresholds."""
+"""``bavit prune-eval``: YOLOS computing only the FG tokens, swept over operating points."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,12 @@ import typer
 from rich.table import Table
 
 from bavit_core.data.grid import parse_size
-from bavit_core.evaluate.sweep import PruneEvalOptions, parse_thresholds, prune_eval
+from bavit_core.evaluate.sweep import STAGES, PruneEvalOptions, parse_sparsities, parse_thresholds, prune_eval
 
 from .common import cli_command, console, err_console, print_table, progress_bar
+
+UNITS = {"loading": "", "decoding": "images", "BAViT": "images", "detecting": "image passes",
+         "timing": "timed calls", "COCOeval": "rows"}
 
 
 @cli_command
@@ -25,45 +28,75 @@ def prune_eval_cmd(
     images: Optional[Path] = typer.Option(None, "--images", help="Image directory that goes with --ann."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels parquet of the same images (enables the oracle selector)."),
     thresholds: str = typer.Option("0.3:0.9", "--thresholds", help="BG-probability thresholds: start:stop[:step] or a,b,c."),
+    sparsities: Optional[str] = typer.Option(None, "--sparsities", help="Target mean sparsities instead of thresholds: start:stop[:step] or a,b,c (e.g. 0:0.9:0.1)."),
+    policy: str = typer.Option("threshold", "--policy", help="How --sparsities are reached: threshold (one global BG threshold, per-image sparsity varies) or topk (every image keeps the same count)."),
     selectors: Optional[str] = typer.Option(None, "--selectors", help="Comma list of dense,bavit,oracle,random [default: all the inputs allow]."),
+    category_map: Optional[Path] = typer.Option(None, "--category-map", help='JSON {"dataset class": "detector class"} for classes whose names differ.'),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per detector call."),
-    detector_size: str = typer.Option("512", "--detector-size", help="Detector input size, N or HxW (stretch-resize)."),
+    detector_size: Optional[str] = typer.Option(None, "--detector-size", help="Detector input size, N or HxW (stretch-resize) [default: the detector's configured image_size]."),
     resample: str = typer.Option("nearest", "--resample", help="BAViT grid → detector grid: nearest or any."),
-    postprocess_steps: int = typer.Option(0, "--postprocess-steps", help="Clean-up steps on BAViT's grids first."),
+    postprocess_steps: int = typer.Option(0, "--postprocess-steps", help="Clean-up steps on BAViT's grids first (with --thresholds)."),
     layout: Optional[str] = typer.Option(None, "--layout", help="pack or pad [default: pack on CPU, pad on CUDA]."),
-    timing_images: int = typer.Option(16, "--timing-images", help="Images timed side by side per row (0 = no timing)."),
-    timing_repeats: int = typer.Option(5, "--timing-repeats", help="Interleaved repeats per timing (medians)."),
+    timing_images: int = typer.Option(8, "--timing-images", help="Images timed (0 = no timing)."),
+    timing_repeats: int = typer.Option(3, "--timing-repeats", help="Round-robin repeats of dense, BAViT and every row (medians, spreads)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, or bf16/fp16 on CUDA."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random selector."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random selector and of tie-breaking."),
     out: Path = typer.Option(Path("results"), "--out", help="Results directory."),
 ) -> None:
-    """Evaluate YOLOS on FG tokens only: mAP, tokens and speed per selector and threshold.
+    """Evaluate YOLOS on FG tokens only: mAP, tokens and speed per selector and operating point.
 
     \b
     Example:
-        bavit prune-eval --model runs/bavit-small --detector hustvl/yolos-tiny --root coco --split val2017 --labels val.parquet --thresholds 0.3:0.9 --out results/
+        bavit prune-eval --model runs/bavit-small --detector hustvl/yolos-tiny --root coco --split val2017 --labels val.parquet --sparsities 0:0.9:0.1 --out results/
     """
     opts = PruneEvalOptions(
         detector=detector, dataset=dataset, root=str(root) if root else None, split=split,
         ann=str(ann) if ann else None, images=str(images) if images else None,
         model=str(model) if model else None, labels=str(labels) if labels else None,
-        thresholds=parse_thresholds(thresholds),
-        selectors=[s.strip() for s in selectors.split(",") if s.strip()] if selectors else None,
-        batch_size=batch_size, detector_size=parse_size(detector_size), resample=resample,
+        thresholds=parse_thresholds(thresholds), sparsities=parse_sparsities(sparsities) if sparsities else None,
+        policy=policy, selectors=[s.strip() for s in selectors.split(",") if s.strip()] if selectors else None,
+        category_map=str(category_map) if category_map else None,
+        batch_size=batch_size, detector_size=parse_size(detector_size) if detector_size else None, resample=resample,
         postprocess_steps=postprocess_steps, layout=layout, timing_images=timing_images,
         timing_repeats=timing_repeats, max_images=max_images, dtype=dtype, device=device, seed=seed, out=str(out),
     )
-    with progress_bar("prune-eval") as progress:
-        r = prune_eval(opts, progress, on_stage=lambda s: err_console.print(f"[dim]{s}[/]") if err_console.is_terminal else None)
+    n_stages = len(STAGES) - (0 if model else 1)
+    with progress_bar("prune-eval", stages=n_stages) as progress:
+        r = prune_eval(opts, progress, on_stage=lambda s: progress.stage(s, UNITS.get(s)))
+    print_table(summary_table(r, batch_size))
+    if r["timing_noisy"]:
+        err_console.print(timing_warning(r), highlight=False, soft_wrap=True)
+    console.print(f"Wrote {r['out']}/results.csv, detections/ and meta.json")
+
+
+def _f(v, p=3) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"
+
+
+def summary_table(r: dict, batch_size: int) -> Table:
     t = Table(title=f"bavit prune-eval ({r['n_images']} images, batch {batch_size})", title_justify="left")
-    for c in ("selector", "thr", "sparsity", "mAP", "AP50", "tokens", "reduction", "GFLOPs", "ms/img", "speedup", "det speedup"):
+    for c in ("selector", "point", "sparsity", "mAP", "AP50", "reduct.", "ms/img", "speedup"):
         t.add_column(c, justify="right")
     for row in r["rows"]:
-        f = lambda v, p=3: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
-        t.add_row(row["selector"], f(row["threshold"], 2), f(row["sparsity"]), f(row["map"]), f(row["map50"]),
-                  f(row["total_tokens"], 0), f(row["token_reduction_pct"], 1) + "%", f(row["gflops"], 2),
-                  f(row["latency_ms"], 1), f(row["speedup"], 2) + "x", f(row["detector_speedup"], 2) + "x")
-    print_table(t)
-    console.print(f"Wrote {r['out']}/results.csv, detections/ and meta.json")
+        if not math.isnan(row["target"]):
+            point = f"{'topk' if row['policy'] == 'topk' else 's'} {row['target']:.2f}"
+        else:
+            point = _f(row["threshold"], 2) if not math.isnan(row["threshold"]) else "-"
+        spread = row["latency_spread"]
+        ms = _f(row["latency_ms"], 1) + ("" if math.isnan(spread) else f"±{100 * spread:.0f}%")
+        noisy = "*" if row["timing_noisy"] else ""
+        t.add_row(row["selector"], point, _f(row["sparsity"]), _f(row["map"]), _f(row["map50"]),
+                  _f(row["token_reduction_pct"], 1) + "%", ms, _f(row["speedup"], 2) + "x" + noisy)
+    return t
+
+
+def timing_warning(r: dict) -> str:
+    d = r.get("dense_drift", float("nan"))
+    spreads = [row["latency_spread"] for row in r["rows"] if not math.isnan(row["latency_spread"])]
+    worst = max(spreads) if spreads else float("nan")
+    load = r.get("load_start", {}).get("load_1m", float("nan")), r.get("load_end", {}).get("load_1m", float("nan"))
+    return (f"Warning: timing is noisy (rows marked *): worst spread {_f(100 * worst, 0)} %, dense drift "
+            f"{_f(100 * d, 0)} % over the run (limit 10 %); load {_f(load[0], 1)} → {_f(load[1], 1)}. "
+            "Speedups are unreliable on a busy machine; rerun when idle or with more --timing-repeats.")

@@ -15,6 +15,7 @@ from .common import cli_command, console
 @cli_command
 def report(
     results: Optional[Path] = typer.Option(None, "--results", help="Results directory from bavit prune-eval."),
+    finetuned_results: Optional[Path] = typer.Option(None, "--finetuned-results", help="prune-eval results of a sparsely fine-tuned detector: its BAViT rows become YOLOS-F rows."),
     train_run: Optional[List[Path]] = typer.Option(None, "--train-run", help="BAViT run directory (repeatable)."),
     pred: Optional[Path] = typer.Option(None, "--pred", help="Predictions parquet (overlays, sparse images)."),
     refined: Optional[Path] = typer.Option(None, "--refined", help="Post-processed predictions (before/after figure)."),
@@ -31,7 +32,10 @@ def report(
     """
     if not (results or train_run or pred):
         raise OptionError("nothing to report: give --results, --train-run or --pred")
+    if finetuned_results and not results:
+        raise OptionError("--finetuned-results goes with --results")
     r = build_report(ReportInputs(results=str(results) if results else None,
+                                  finetuned_results=str(finetuned_results) if finetuned_results else None,
                                   train_runs=[str(t) for t in (train_run or [])], pred=str(pred) if pred else None,
                                   refined=str(refined) if refined else None, images=str(images) if images else None,
                                   finetune_run=str(finetune_run) if finetune_run else None, n_examples=examples,

@@ -76,7 +76,7 @@ def train(
             f"val IoU {v('val_iou')}  {row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}",
             highlight=False)
 
-    with progress_bar("train") as step:
+    with progress_bar("train", unit="steps", epochs=opts.epochs) as step:
         summary = train_bavit(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch,
                               on_stage=lambda s: err_console.print(s) if main and err_console.is_terminal else None)
     if main:

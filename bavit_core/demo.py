@@ -51,19 +51,26 @@ class DemoOptions:
     @property
     def settings(self) -> dict:
         if self.quick:
-            return dict(images=120, epochs=8, thresholds=[0.5, 0.9], timing_images=8, timing_repeats=3,
-                        det_epochs=3, batch=8)
-        return dict(images=400, epochs=20, thresholds=[0.3, 0.5, 0.7, 0.9], timing_images=16, timing_repeats=5,
-                    det_epochs=40, batch=8)
+            return dict(images=120, epochs=8, sparsities=[0.1, 0.25, 0.4, 0.5, 0.7, 0.85], timing_images=8,
+                        timing_repeats=3, det_epochs=3, f_epochs=2, batch=8)
+        return dict(images=400, epochs=20, sparsities=[0.1, 0.25, 0.35, 0.5, 0.6, 0.7, 0.85], timing_images=8,
+                    timing_repeats=5, det_epochs=40, f_epochs=3, batch=8)
 
 
-STAGES = ("synth", "label", "train", "predict", "detector", "prune-eval", "report")
+OPERATING_POINT = 0.5  # the target sparsity YOLOS-F is fine-tuned and evaluated at
+STAGES = ("synth", "label", "train", "predict", "detector", "prune-eval", "finetune", "report")
+
+
+def _per_run(cb, epochs: int):
+    """train/finetune report steps per epoch; the demo's progress counts the whole run."""
+    return None if cb is None else (lambda advance, total: cb(advance, total * epochs))
 
 
 def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = None,
              progress_for: Callable[[str], Callable[[int, int], None] | None] | None = None) -> dict:
     """Run every stage under ``opts.out``; ``on_stage(name, message)`` reports each stage's
-    result, ``progress_for(name)`` may return a progress callback for it."""
+    result, ``progress_for(name)`` is called as each stage starts and may return a progress
+    callback for it (with a ``substage(name)`` method to follow prune-eval's own stages)."""
     say = on_stage or (lambda s, m: None)
     prog = progress_for or (lambda s: None)
     st = opts.settings
@@ -81,6 +88,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
     done("synth", f"{sum(s.splits.values())} images, {s.objects} objects", t)
 
     t = time.perf_counter()
+    prog("label")
     lo = LabelOptions(source="masks", grid=GridSpec(BAVIT_SIZE, BAVIT_SIZE, 16))
     fg = []
     for split in ("train2017", "val2017"):
@@ -95,11 +103,12 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
     train_bavit(TrainOptions(labels=str(out / "labels_train2017.parquet"), val_labels=str(out / "labels_val2017.parquet"),
                              depth=2, epochs=st["epochs"], batch_size=32, lr=1e-3, step_size=max(2, int(st["epochs"] * 0.7)),
                              seed=opts.seed, device=opts.device, out=str(run)),
-                on_step=prog("train"))
+                on_step=_per_run(prog("train"), st["epochs"]))
     best = max(read_metrics(run), key=lambda r: r["val_accuracy"])
     done("train", f"BAViT-small val token accuracy {best['val_accuracy']:.3f}, FG recall {best['val_recall']:.3f}", t)
 
     t = time.perf_counter()
+    prog("predict")
     p = predict(run, out / "preds.parquet", labels=out / "labels_val2017.parquet", device=opts.device)
     pp = postprocess_predictions(out / "preds.parquet", out / "refined.parquet", steps=3)
     done("predict", f"val accuracy {p['metrics']['accuracy']:.3f}, sparsity {p['sparsity']:.2f}; "
@@ -116,26 +125,48 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
                                  lr=4e-4, seed=opts.seed, device=opts.device, out=str(det)), on_step=prog("detector"))
         done("detector", f"trained from scratch in {det}", t)
     else:
+        prog("detector")
         det = shipped_detector()
         done("detector", f"shipped demo detector ({det.name}, trained by bavit finetune --from-scratch)", t)
 
     t = time.perf_counter()
-    res = prune_eval(PruneEvalOptions(
-        detector=str(det), root=str(data), split="val2017", model=str(run), labels=str(out / "labels_val2017.parquet"),
-        thresholds=st["thresholds"], batch_size=st["batch"], detector_size=detector_input_size(det),
-        timing_images=st["timing_images"], timing_repeats=st["timing_repeats"], device=opts.device, seed=opts.seed,
-        out=str(out / "results")), prog("prune-eval"))
+    pe_prog = prog("prune-eval")
+    sub = getattr(pe_prog, "substage", None)
+    common = dict(root=str(data), split="val2017", model=str(run), labels=str(out / "labels_val2017.parquet"),
+                  batch_size=st["batch"], detector_size=detector_input_size(det), device=opts.device, seed=opts.seed)
+    res = prune_eval(PruneEvalOptions(detector=str(det), sparsities=st["sparsities"], timing_images=st["timing_images"],
+                                      timing_repeats=st["timing_repeats"], out=str(out / "results"), **common),
+                     pe_prog, on_stage=sub)
     rows = res["rows"]
     dense = next(r for r in rows if r["selector"] == "dense")
-    bav = [r for r in rows if r["selector"] == "bavit"]
-    mid = bav[len(bav) // 2] if bav else dense
-    done("prune-eval", f"dense mAP {dense['map']:.3f}; BAViT thr {mid['threshold']:.2f}: sparsity {mid['sparsity']:.2f}, "
-                       f"mAP {mid['map']:.3f}, detector speedup {mid['detector_speedup']:.2f}x", t)
+    at = {r["selector"]: r for r in rows if r["target"] == OPERATING_POINT}
+    done("prune-eval", f"dense mAP {dense['map']:.3f}; at sparsity {OPERATING_POINT:.2f}: BAViT {at['bavit']['map']:.3f}, "
+                       f"oracle {at['oracle']['map']:.3f}, random {at['random']['map']:.3f}; BAViT detector speedup "
+                       f"{at['bavit']['detector_speedup']:.2f}x", t)
+
+    # YOLOS-F: the detector sparsely fine-tuned at one operating point, evaluated there
+    t = time.perf_counter()
+    from .finetune.loop import FinetuneOptions, finetune
+
+    f_det = out / "yolos-f"
+    thr = at["bavit"]["threshold"]  # the BG threshold that reached the operating point on val
+    finetune(FinetuneOptions(detector=str(det), root=str(data), split="train2017", val_split="val2017",
+                             selector="bavit", model=str(run), threshold=float(thr),
+                             detector_size=detector_input_size(det), epochs=st["f_epochs"], batch_size=8, lr=1e-4,
+                             warmup_epochs=0.5, seed=opts.seed, device=opts.device, out=str(f_det)),
+             on_step=_per_run(prog("finetune"), st["f_epochs"]))
+    fres = prune_eval(PruneEvalOptions(detector=str(f_det), sparsities=[OPERATING_POINT], selectors=["bavit"],
+                                       timing_images=0, out=str(out / "results_yolos_f"), **common))
+    frow = fres["rows"][0]
+    done("finetune", f"YOLOS-F ({st['f_epochs']} epochs sparse at {OPERATING_POINT:.2f}): mAP {frow['map']:.3f} "
+                     f"vs {at['bavit']['map']:.3f} before", t)
 
     t = time.perf_counter()
-    rep = build_report(ReportInputs(results=str(out / "results"), train_runs=[str(run)], pred=str(out / "preds.parquet"),
+    prog("report")
+    rep = build_report(ReportInputs(results=str(out / "results"), finetuned_results=str(out / "results_yolos_f"),
+                                    train_runs=[str(run)], pred=str(out / "preds.parquet"),
                                     refined=str(out / "refined.parquet"),
                                     finetune_run=str(det) if opts.train_detector else None, out=str(out / "report")))
     done("report", f"{len(rep['figures'])} figures", t)
-    return {"out": str(out), "report": str(out / "report" / "index.html"), "rows": rows, "bavit_best": best,
-            "seconds": time.perf_counter() - t0, "times": times}
+    return {"out": str(out), "report": str(out / "report" / "index.html"), "rows": rows, "yolos_f": frow,
+            "bavit_best": best, "seconds": time.perf_counter() - t0, "times": times}

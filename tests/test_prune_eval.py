@@ -131,3 +131,147 @@ def test_timed_path_resamples_like_the_evaluated_path():
     g = np.random.default_rng(0).random((3, 24, 24)) < 0.4
     for shape in ((32, 32), (12, 12), (24, 24), (20, 30)):
         assert np.array_equal(_resample_torch(torch.as_tensor(g), shape).numpy(), resample_grid(g, shape))
+
+
+def _meta(d):
+    return json.loads((d / "meta.json").read_text())
+
+
+def test_target_sparsities_reach_their_targets_with_every_selector(setup, coco_synth, tmp_path):
+    code, out, err = run_pe(setup, coco_synth, tmp_path / "s", "--sparsities", "0.2,0.5,0.8", "--batch-size", "4",
+                            "--timing-repeats", "2")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+    assert [(r["selector"], r["target"]) for r in rows] == [("dense", "nan")] + [
+        (s, t) for s in ("bavit", "oracle", "random") for t in ("0.2", "0.5", "0.8")]
+    meta = _meta(tmp_path / "s")
+    ps = meta["per_image_sparsity"]
+    assert list(ps) == ["dense"] + [f"{s}_s{t}" for s in ("bavit", "oracle", "random") for t in ("0.20", "0.50", "0.80")]
+    for r in rows[1:]:
+        # the mean within one token per image (16 tokens on the 4x4 detector grid)
+        assert r["policy"] == "threshold" and abs(float(r["sparsity"]) - float(r["target"])) <= 1 / 16
+        assert float(r["sparsity_p10"]) <= float(r["sparsity"]) <= float(r["sparsity_p90"])
+    for t in ("0.20", "0.50", "0.80"):  # random keeps bavit's count in every image
+        assert ps[f"random_s{t}"] == ps[f"bavit_s{t}"]
+    # a bavit row records the BG-probability threshold it reached; oracle and random none
+    assert 0 <= float(rows[1]["threshold"]) <= 1 and rows[4]["threshold"] == "nan"
+    # dense YOLOS is timed once per run: the same reference in every row, with its spread
+    assert len({r["dense_latency_ms"] for r in rows}) == 1 and len({r["dense_spread"] for r in rows}) == 1
+    for r in rows:
+        assert r["timing_noisy"] in ("True", "False") and float(r["latency_spread"]) >= 0
+        assert float(r["peak_mem_mb"]) > 0  # measured on CPU too
+    assert float(rows[6]["peak_mem_mb"]) < float(rows[0]["peak_mem_mb"])  # oracle at 0.8 vs dense
+    assert {"load_start", "load_end", "stage_seconds", "dense_drift", "detector_size"} <= set(meta)
+    assert set(meta["stage_seconds"]) == {"loading", "decoding", "BAViT", "detecting", "timing", "COCOeval"}
+    assert meta["load_start"]["cpus"] >= 1
+
+
+def test_topk_policy_keeps_the_same_share_in_every_image(setup, coco_synth, tmp_path):
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "k", "--sparsities", "0.3,0.7", "--policy", "topk",
+                          "--selectors", "bavit,random", "--timing-images", "0")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "k" / "results.csv")))
+    for r, kept in zip(rows, (12, 5, 12, 5)):  # ceil((1 - s) * 16)
+        assert r["policy"] == "topk" and r["threshold"] == "nan"
+        assert float(r["sparsity"]) == float(r["sparsity_p10"]) == float(r["sparsity_p90"]) == 1 - kept / 16
+        assert r["latency_ms"] == "nan" and r["timing_noisy"] == "False"
+    assert sorted(_meta(tmp_path / "k")["per_image_sparsity"]) == ["bavit_topk_s0.30", "bavit_topk_s0.70",
+                                                                   "random_topk_s0.30", "random_topk_s0.70"]
+
+
+def test_detector_size_defaults_to_the_detectors_own(setup, coco_synth, tmp_path):
+    code, _, err = run_cli("prune-eval", "--detector", setup / "det", "--root", coco_synth, "--split", "val2017",
+                           "--selectors", "dense", "--timing-images", "0", "--out", tmp_path / "d")
+    assert code == 0, err
+    assert _meta(tmp_path / "d")["detector_size"] == [64, 64]
+
+
+def test_plain_progress_lines_off_a_terminal(setup, coco_synth, tmp_path):
+    import re
+
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "p", "--sparsities", "0.5", "--batch-size", "5")
+    assert code == 0, err
+    lines = [x for x in err.splitlines() if x.startswith("stage ")]
+    assert [re.sub(r"\d+:\d\d elapsed", "T elapsed", x) for x in lines] == [
+        "stage 1/6 loading, T elapsed",
+        "stage 2/6 decoding: 10/10 images, T elapsed",
+        "stage 3/6 BAViT: 10/10 images, T elapsed",
+        "stage 4/6 detecting: 40/40 image passes, T elapsed",
+        "stage 5/6 timing: 15/15 timed calls, T elapsed",  # (dense, BAViT, 3 rows) x (1 warm-up + 1 repeat + memory)
+        "stage 6/6 COCOeval: 4/4 rows, T elapsed",
+    ]
+
+
+def test_progress_prints_a_line_at_least_every_interval(capsys):
+    import time
+
+    from bavit_cli.common import progress_bar
+
+    with progress_bar("label", 10, interval=0.2) as bar:
+        bar(3)
+        time.sleep(0.7)
+        bar(7)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) >= 3 and err[0].startswith("stage 1/1 label: 3/10 images, 0:00 elapsed")
+    assert err[-1].startswith("stage 1/1 label: 10/10 images")
+
+
+def test_wrong_detectors_are_refused_before_any_work(setup, coco_synth, tmp_path):
+    code, out, err = run_cli("prune-eval", "--detector", setup / "run", "--root", coco_synth, "--out", tmp_path / "a")
+    assert (code, err.strip()) == (1, f"Error: {setup / 'run'}: not a YOLOS detector (model_type None); pass a YOLOS "
+                                      "directory, e.g. one written by bavit finetune")
+    # a YOLOS config whose weights belong to another shape: missing keys, no transformers report
+    cfg = json.loads((setup / "det" / "config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
+    (bad / "model.safetensors").write_bytes((setup / "det" / "model.safetensors").read_bytes())
+    code, out, err = run_cli("prune-eval", "--detector", bad, "--root", coco_synth, "--out", tmp_path / "b")
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"Error: {bad}: the weights do not fit a YOLOS detector: ") and "missing keys" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_hub_name_without_a_network_fails_fast(coco_synth, tmp_path):
+    code, _, err = run_cli("prune-eval", "--detector", "hustvl/yolos-tiny", "--root", coco_synth,
+                           "--out", tmp_path / "h")
+    assert code == 1 and err.startswith("Error: cannot load detector 'hustvl/yolos-tiny' as a hub model") and \
+        err.count("\n") == 1, err
+
+
+def test_label_spaces_are_matched_by_name(setup, coco_synth, tmp_path):
+    coco_names = ("person", "bicycle", "car", "motorcycle", "airplane")
+    det = tmp_path / "cocodet"
+    cfg = tiny_yolos_config("nano", num_labels=6, image_size=(64, 64),
+                            id2label={0: "N/A", **{i + 1: n for i, n in enumerate(coco_names)}})
+    torch.manual_seed(0)
+    YolosForObjectDetection(cfg).save_pretrained(det)
+    code, _, err = run_cli("prune-eval", "--detector", det, "--root", coco_synth, "--split", "val2017",
+                           "--selectors", "dense", "--timing-images", "0", "--out", tmp_path / "x")
+    assert (code, err.strip()) == (1, "Error: detector classes person, bicycle, car, motorcycle, airplane do not "
+                                      "match the dataset's triangle, rectangle, ellipse, star, hexagon (0 of 5 found by "
+                                      'name); pass --category-map FILE (JSON {"dataset class": "detector class"}) or a '
+                                      "detector trained on these classes")
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps(dict(zip(CLASS_NAMES, coco_names))))
+    code, _, err = run_cli("prune-eval", "--detector", det, "--root", coco_synth, "--split", "val2017",
+                           "--selectors", "dense", "--timing-images", "0", "--category-map", cmap, "--out", tmp_path / "y")
+    assert code == 0, err
+    # the detector's ids are the mapped names': GT "triangle" (1) is detector "person" (1) here
+    cmap.write_text(json.dumps({"triangle": "car", "rectangle": "person"}))
+    code, _, err = run_cli("prune-eval", "--detector", det, "--root", coco_synth, "--split", "val2017",
+                           "--selectors", "dense", "--timing-images", "0", "--category-map", cmap, "--out", tmp_path / "z")
+    assert code == 1 and "(2 of 5 found by name)" in err
+
+
+def test_category_map_moves_ground_truth_onto_detector_ids(coco_synth):
+    from bavit_core.detection.cocoeval import category_map_for, coco_ground_truth
+
+    aset = open_dataset("coco", root=coco_synth, split="val2017")
+    id2label = {0: "N/A", 1: "Hexagon", 2: "star", 3: "ellipse", 4: "rectangle", 5: "triangle"}
+    m = category_map_for(aset, id2label)
+    assert m == {1: 5, 2: 4, 3: 3, 4: 2, 5: 1}
+    gt = coco_ground_truth(aset, aset.image_ids, m)
+    doc = json.loads((coco_synth / "annotations/instances_val2017.json").read_text())
+    n_tri = sum(a["category_id"] == 1 for a in doc["annotations"])
+    assert len(gt.getAnnIds(catIds=[5])) == n_tri and {c["name"] for c in gt.loadCats([5])} == {"triangle"}

@@ -30,6 +30,9 @@ def coco_ground_truth(aset: AnnotationSet, image_ids, category_map: dict[int, in
         images = [im for im in doc["images"] if im.get("id") in wanted]
         anns = [a for a in doc["annotations"] if a.get("image_id") in wanted and isinstance(a.get("bbox"), list)]
         cats = doc.get("categories") or [{"id": c} for c in sorted({a["category_id"] for a in anns})]
+        if category_map is not None:  # onto the detector's label ids; unmatched classes are left out
+            anns = [dict(a, category_id=category_map.get(a.get("category_id"), -1)) for a in anns]
+            cats = [dict(c, id=category_map[c["id"]]) for c in cats if c.get("id") in category_map]
     else:
         pos = {int(iid): k for k, iid in enumerate(aset.image_ids)}
         images = [{"id": int(i), "file_name": aset.file_names[pos[int(i)]], "width": int(aset.widths[pos[int(i)]]),
@@ -89,15 +92,50 @@ def evaluate_detections(gt, detections: list[dict], image_ids) -> dict[str, floa
     return dict(zip(STAT_NAMES, stats))
 
 
+def read_category_map(path) -> dict[str, str]:
+    """``--category-map FILE``: a JSON object {dataset class name: detector class name}."""
+    import json
+    from pathlib import Path
+
+    from ..runtime.errors import InputFileError
+
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except OSError as exc:
+        raise InputFileError(p, f"cannot read the category map ({exc.strerror or exc})") from None
+    except ValueError:
+        raise InputFileError(p, "the category map is not JSON") from None
+    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+        raise InputFileError(p, 'the category map must be a JSON object {"dataset class": "detector class", ...}')
+    return doc
+
+
+def _names(names, k: int = 6) -> str:
+    names = list(names)
+    return ", ".join(names[:k]) + (", …" if len(names) > k else "")
+
+
+def category_map_for(aset: AnnotationSet, id2label: dict, names: dict[str, str] | None = None) -> dict[int, int]:
+    """Map the dataset's category ids to the detector's label ids by class name
+    (case-insensitive; ``names`` renames dataset classes first). Fewer than half of the
+    dataset's categories found among the detector's classes is an error naming both."""
+    renamed = {str(k).lower(): str(v).lower() for k, v in (names or {}).items()}
+    by_name = {str(v).lower(): int(k) for k, v in id2label.items()}
+    out = {}
+    for cid, name in aset.categories.items():
+        key = renamed.get(str(name).lower(), str(name).lower())
+        if key in by_name:
+            out[int(cid)] = by_name[key]
+    if not aset.categories or 2 * len(out) < len(aset.categories):
+        det_names = [str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0])) if str(v) != "N/A"]
+        raise BavitError(
+            f"detector classes {_names(det_names)} do not match the dataset's {_names(aset.categories.values())} "
+            f"({len(out)} of {len(aset.categories)} found by name); pass --category-map FILE "
+            '(JSON {"dataset class": "detector class"}) or a detector trained on these classes')
+    return out
+
+
 def voc_category_map(aset: AnnotationSet, id2label: dict) -> dict[int, int]:
     """Map VOC class ids (by name) to the detector's label ids."""
-    by_name = {str(v).lower(): int(k) for k, v in id2label.items()}
-    out, missing = {}, []
-    for cid, name in aset.categories.items():
-        if name.lower() in by_name:
-            out[cid] = by_name[name.lower()]
-        else:
-            missing.append(name)
-    if not out:
-        raise BavitError(f"the detector's labels share no class name with the VOC classes ({', '.join(missing[:5])} ...)")
-    return out
+    return category_map_for(aset, id2label)

@@ -14,8 +14,25 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_detector(name_or_path: str, device="cpu"):
-    """YolosForObjectDetection from a local HF directory or a hub name (needs a network)."""
+    """YolosForObjectDetection from a local HF directory or a hub name (needs a network).
+
+    Checked before any work: the directory's config is a YOLOS (``model_type``) and its
+    weights load with no missing or unexpected keys; a hub name that is not cached fails
+    fast when the hub cannot be reached (no retry loop). transformers' load report is not
+    printed."""
+    import json
+
     from transformers import YolosForObjectDetection
     from transformers.utils import logging as hf_logging
 
@@ -27,19 +44,49 @@ def load_detector(name_or_path: str, device="cpu"):
             raise InputFileError(p, "detector directory not found (expected a Hugging Face model directory)")
         if not (p / "config.json").is_file():
             raise InputFileError(p, "not a Hugging Face model directory (config.json missing)")
+        try:
+            mt = json.loads((p / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            raise InputFileError(p / "config.json", "unreadable config (not JSON)") from None
+        if mt != "yolos":
+            raise InputFileError(p, f"not a YOLOS detector (model_type {mt!r}); pass a YOLOS directory, "
+                                    "e.g. one written by bavit finetune")
+    kw = dict(attn_implementation="sdpa", output_loading_info=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        model = YolosForObjectDetection.from_pretrained(str(name_or_path), attn_implementation="sdpa")
+        try:
+            model, info = YolosForObjectDetection.from_pretrained(str(name_or_path), local_files_only=True, **kw)
+        except OSError:
+            if looks_local or not _hub_reachable():
+                raise
+            model, info = YolosForObjectDetection.from_pretrained(str(name_or_path), **kw)
     except OSError as exc:
-        where = "local directory" if looks_local else "hub model"
+        where = "local directory" if looks_local else "hub model (not cached, and the hub cannot be reached)"
         raise BavitError(
             f"cannot load detector {name_or_path!r} as a {where} ({str(exc).splitlines()[0][:160]}); "
             "without a network pass --detector PATH to a local Hugging Face YOLOS directory"
         ) from None
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, RuntimeError) as exc:
         raise InputFileError(name_or_path, f"not a YOLOS detector ({str(exc).splitlines()[0][:160]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if model.config.model_type != "yolos":
         raise InputFileError(name_or_path, f"not a YOLOS detector (model_type {model.config.model_type!r})")
+    bad = [(k, v) for k, v in (("missing", info.get("missing_keys")), ("unexpected", info.get("unexpected_keys")),
+                                 ("mismatched", info.get("mismatched_keys"))) if v]
+    if bad:
+        kind, keys = bad[0]
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in keys)
+        raise InputFileError(name_or_path, f"the weights do not fit a YOLOS detector: {len(keys)} {kind} keys "
+                                           f"(e.g. {keys[0]})")
     return model.float().to(device).eval()  # weights may be stored in half precision
+
+
+def detector_input_size(model) -> tuple[int, int]:
+    """The input size (h, w) the detector is configured for (its config's ``image_size``)."""
+    size = model.config.image_size
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
 
 
 def export_detector(src: str, dest: str | Path, half: bool = True) -> Path:

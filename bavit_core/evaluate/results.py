@@ -19,17 +19,23 @@ from ..runtime.errors import InputFileError
 from ..runtime.fileio import atomic_write_text, sha256_file
 
 CSV_COLUMNS = (
-    "selector", "threshold", "sparsity", *STAT_NAMES, "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens",
-    "total_tokens", "token_reduction_pct", "gflops", "latency_ms", "throughput_ips", "dense_latency_ms",
-    "speedup", "detector_speedup", "flop_speedup", "peak_mem_mb", "device", "dtype", "batch_size", "n_images",
+    "selector", "threshold", "policy", "target", "sparsity", "sparsity_p10", "sparsity_p90", *STAT_NAMES,
+    "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens", "total_tokens", "token_reduction_pct", "gflops",
+    "latency_ms", "latency_spread", "throughput_ips", "dense_latency_ms", "dense_spread", "speedup",
+    "detector_speedup", "flop_speedup", "timing_noisy", "peak_mem_mb", "device", "dtype", "batch_size", "n_images",
 )
+TEXT_COLUMNS = ("selector", "policy", "device", "dtype")
 
 
-def row_name(sel: str, t: float) -> str:
+def row_name(sel: str, t: float, target: float = float("nan"), policy: str = "threshold") -> str:
+    """A row's file name stem: ``bavit_0.30`` at a threshold, ``bavit_s0.35`` at a target
+    sparsity (``bavit_topk_s0.35`` with the topk policy), ``dense``."""
+    if not math.isnan(target):
+        return f"{sel}_{'topk_' if policy == 'topk' else ''}s{target:.2f}"
     return sel if math.isnan(t) else f"{sel}_{t:.2f}"
 
 
-def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit, layout, seconds):
+def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit, layout, seconds, run_info=None):
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
@@ -37,7 +43,7 @@ def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit
     for r in results:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     for row in rows:
-        atomic_write_text(out / "detections" / f"{row_name(row.selector, row.threshold)}.json",
+        atomic_write_text(out / "detections" / f"{row.name}.json",
                           json.dumps(row.detections))
     import transformers
 
@@ -56,11 +62,12 @@ def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit
         "bavit": asdict(bavit.cfg) if bavit else None,
         "n_images": len(ids),
         "missing_images": len(missing),
-        "rows": [row_name(r.selector, r.threshold) for r in rows],
-        "per_image_sparsity": {row_name(r.selector, r.threshold):
+        "rows": [r.name for r in rows],
+        "per_image_sparsity": {r.name:
                                np.round(1 - r.keep.reshape(len(ids), -1).mean(axis=1), 4).tolist() for r in rows},
         "image_ids": [int(i) for i in ids],
         "seconds": seconds,
+        **(run_info or {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=1, default=str))
@@ -74,8 +81,10 @@ def read_results(results_dir) -> list[dict]:
     with open(p) as f:
         rows = list(csv.DictReader(f))
     for r in rows:
+        if "timing_noisy" in r:
+            r["timing_noisy"] = r["timing_noisy"] == "True"
         for k, v in r.items():
-            if k not in ("selector", "device", "dtype"):
+            if k not in TEXT_COLUMNS and k != "timing_noisy":
                 try:
                     r[k] = float(v)
                 except (TypeError, ValueError):

@@ -1,9 +1,12 @@
-"""prune-eval: sweep token selectors × thresholds over a dataset with the pruned YOLOS.
+"""prune-eval: sweep token selectors × operating points over a dataset with the pruned YOLOS.
 
-Per row (selector, threshold): COCO mAP (pycocotools), sparsity, Table-2 token columns,
-analytic GFLOPs, and measured speed of dense YOLOS vs BAViT + pruned YOLOS timed side
-by side in this process. Images are decoded once per chunk; BAViT runs once per image and
-its probabilities serve every threshold.
+An operating point is a BG-probability threshold (``thresholds``) or a target mean
+sparsity reached by a policy (``sparsities`` + ``policy``: ``threshold`` or ``topk``, see
+detection/selection.py). Per row: COCO mAP (pycocotools), the reached sparsity and its
+per-image spread, Table-2 token columns, analytic GFLOPs, and measured speed: dense YOLOS,
+BAViT and every row's pruned YOLOS timed round robin in this process (dense once per run,
+the common reference), each with its spread. Images are decoded once; BAViT runs once per
+image and its probabilities serve every operating point.
 """
 from __future__ import annotations
 
@@ -19,25 +22,27 @@ import torch
 
 from ..bavit.inference import infer_probs
 from ..bavit.model import load_bavit
-from ..bavit.postprocess import refine
 from ..data import open_dataset
 from ..data.images import decode_once, resolve_paths, to_input
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
-from ..detection.cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections, voc_category_map
+from ..detection.cocoeval import (category_map_for, coco_ground_truth, detections_from_outputs,
+                                  evaluate_detections, read_category_map)
 from ..detection.pruned import LAYOUTS, pruned_forward
-from ..detection.selection import SELECTORS, bavit_keep, dense_keep, oracle_keep, random_keep, resample_torch
-from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, load_detector
+from ..detection.selection import (POLICIES, SELECTORS, bavit_keep, bavit_priority, dense_keep, oracle_keep,
+                                   oracle_priority, random_keep, select_target, sparsity_stats)
+from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, detector_input_size, load_detector
 from ..runtime.devices import resolve_device
 from ..runtime.errors import InputFileError, OptionError
-from .results import CSV_COLUMNS, read_results, write_results
-from .timing import peak_memory_mb, time_interleaved
+from .results import CSV_COLUMNS, read_results, row_name, write_results
+from .timing import NOISY_SPREAD, drift, machine_load, peak_memory_mb, spread, time_round_robin
 
-__all__ = ["CSV_COLUMNS", "PruneEvalOptions", "parse_thresholds", "prune_eval", "read_results"]
+__all__ = ["CSV_COLUMNS", "PruneEvalOptions", "STAGES", "parse_sparsities", "parse_thresholds", "prune_eval",
+           "read_results"]
+
+STAGES = ("loading", "decoding", "BAViT", "detecting", "timing", "COCOeval")
 
 
-
-def parse_thresholds(text: str) -> list[float]:
-    """``start:stop[:step]`` (inclusive, default step 0.1) or ``a,b,c``; values in [0, 1]."""
+def _parse_range(text: str, option: str, default_step: float = 0.1) -> list[float]:
     s = str(text).strip()
     try:
         if ":" in s:
@@ -45,21 +50,36 @@ def parse_thresholds(text: str) -> list[float]:
             if len(parts) not in (2, 3):
                 raise ValueError
             start, stop = parts[0], parts[1]
-            step = parts[2] if len(parts) == 3 else 0.1
+            step = parts[2] if len(parts) == 3 else default_step
             if step <= 0:
-                raise OptionError(f"--thresholds {text!r}: the step must be positive")
+                raise OptionError(f"{option} {text!r}: the step must be positive")
             n = int(math.floor((stop - start) / step + 1e-9)) + 1
             vals = [round(start + k * step, 10) for k in range(max(n, 0))]
         else:
             vals = [float(v) for v in s.split(",") if v.strip()]
     except ValueError:
-        raise OptionError(f"cannot read --thresholds {text!r}: use start:stop[:step] or a,b,c") from None
+        raise OptionError(f"cannot read {option} {text!r}: use start:stop[:step] or a,b,c") from None
     if not vals:
-        raise OptionError(f"--thresholds {text!r} is an empty range")
+        raise OptionError(f"{option} {text!r} is an empty range")
+    return sorted(set(vals))
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """``start:stop[:step]`` (inclusive, default step 0.1) or ``a,b,c``; values in [0, 1]."""
+    vals = _parse_range(text, "--thresholds")
     bad = [v for v in vals if not 0.0 <= v <= 1.0]
     if bad:
         raise OptionError(f"--thresholds must lie in [0, 1]; got {bad[0]}")
-    return sorted(set(vals))
+    return vals
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """Target mean sparsities: ``start:stop[:step]`` or ``a,b,c``; values in [0, 1)."""
+    vals = _parse_range(text, "--sparsities")
+    bad = [v for v in vals if not (0.0 <= v < 1.0)]
+    if bad:
+        raise OptionError(f"--sparsities must lie in [0, 1); got {bad[0]}")
+    return vals
 
 
 @dataclass
@@ -73,14 +93,17 @@ class PruneEvalOptions:
     model: str | None = None
     labels: str | None = None
     thresholds: list[float] = field(default_factory=lambda: [0.5])
+    sparsities: list[float] | None = None  # target mean sparsities (instead of thresholds)
+    policy: str = "threshold"  # how a target is reached: threshold (dynamic) or topk (fixed rate)
     selectors: list[str] | None = None
+    category_map: str | None = None  # JSON {dataset class name: detector class name}
     batch_size: int = 1
-    detector_size: tuple[int, int] = (512, 512)
+    detector_size: tuple[int, int] | None = None  # None: the detector's configured image_size
     resample: str = "nearest"
     postprocess_steps: int = 0
     layout: str | None = None
-    timing_images: int = 16
-    timing_repeats: int = 5
+    timing_images: int = 8
+    timing_repeats: int = 3
     max_images: int | None = None
     dtype: str = "fp32"
     device: str = "auto"
@@ -94,6 +117,12 @@ class Row:
     threshold: float
     keep: np.ndarray  # (N, dh, dw) bool on the detector grid
     detections: list = field(default_factory=list)
+    policy: str = "threshold"
+    target: float = float("nan")  # target mean sparsity (NaN: a threshold row or dense/oracle as labelled)
+
+    @property
+    def name(self) -> str:
+        return row_name(self.selector, self.threshold, self.target, self.policy)
 
 
 def _selectors(opts: PruneEvalOptions) -> list[str]:
@@ -113,15 +142,31 @@ def _selectors(opts: PruneEvalOptions) -> list[str]:
     return list(dict.fromkeys(opts.selectors))
 
 
-def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | None = None,
-               on_stage: Callable[[str], None] | None = None) -> dict:
-    t_start = time.perf_counter()
+def _check_options(opts: PruneEvalOptions) -> None:
     if opts.batch_size < 1:
         raise OptionError("--batch-size must be at least 1")
     if opts.postprocess_steps < 0:
         raise OptionError("--postprocess-steps must be >= 0")
     if opts.dtype not in ("fp32", "bf16", "fp16"):
         raise OptionError("--dtype must be fp32, bf16 or fp16")
+    if opts.policy not in POLICIES:
+        raise OptionError(f"--policy must be one of {', '.join(POLICIES)}")
+    if opts.sparsities is not None:
+        if opts.postprocess_steps:
+            raise OptionError("--postprocess-steps works with --thresholds only (a target sparsity ranks "
+                              "BAViT's probabilities directly)")
+        if not opts.sparsities:
+            raise OptionError("--sparsities is empty")
+
+
+def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | None = None,
+               on_stage: Callable[[str], None] | None = None) -> dict:
+    """Run the sweep and write the results directory. ``on_stage(name)`` announces each of
+    :data:`STAGES` as it starts (BAViT only with a model); ``progress(advance, total)``
+    counts the current stage's work."""
+    t_start = time.perf_counter()
+    load_start = machine_load()
+    _check_options(opts)
     selectors = _selectors(opts)
     device = resolve_device(opts.device)
     layout = opts.layout or ("pad" if device.type == "cuda" else "pack")
@@ -131,14 +176,28 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     if dtype != torch.float32 and device.type != "cuda" and opts.dtype == "fp16":
         raise OptionError("--dtype fp16 needs CUDA")
 
-    stage = on_stage or (lambda s: None)
-    stage("loading detector")
+    stage_t: dict[str, float] = {}
+    current = {"name": None, "t": time.perf_counter()}
+
+    def stage(name):
+        now = time.perf_counter()
+        if current["name"]:
+            stage_t[current["name"]] = now - current["t"]
+        current.update(name=name, t=now)
+        if on_stage and name:
+            on_stage(name)
+
+    tick = progress or (lambda a, t: None)
+
+    stage("loading")
     det = load_detector(opts.detector, device)
-    det_hw = tuple(opts.detector_size)
+    det_hw = tuple(opts.detector_size) if opts.detector_size else detector_input_size(det)
     dgrid = detector_grid(det, det_hw)
     bavit = load_bavit(opts.model, device=device) if opts.model else None
 
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
+    cat_map = category_map_for(aset, det.config.id2label,
+                               read_category_map(opts.category_map) if opts.category_map else None)
     img_dir = aset.images_dir
     if img_dir is None or not img_dir.is_dir():
         raise OptionError("prune-eval needs the images: give --root (with --split) or --ann with --images")
@@ -151,75 +210,52 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     ids = aset.image_ids[present]
     widths, heights = aset.widths[present], aset.heights[present]
     files = [img_dir / aset.file_names[i] for i in present]
-
-    oracle = oracle_keep(opts.labels, ids, dgrid, opts.resample) if "oracle" in selectors else None
-
-    cat_map = None  # detections carry the detector label id (== COCO category id)
-    if aset.kind == "voc":
-        cat_map = voc_category_map(aset, det.config.id2label)
     gt = coco_ground_truth(aset, ids, cat_map)
-
-    # ---- pass 1: decode once; BAViT probabilities (once per image) -------------------
     n = len(files)
-    thresholds = opts.thresholds if any(s in selectors for s in ("bavit", "random")) else []
-    total_work = n * (1 + (bavit is not None) + sum(1 for s in selectors if s in ("dense", "oracle")) +
-                      len(thresholds) * sum(1 for s in selectors if s in ("bavit", "random")))
-    tick = (lambda k, _total: progress(k, total_work)) if progress else None
-    stage("decoding images")
+    oracle_prio = None
+    if "oracle" in selectors:
+        oracle_prio = (oracle_priority(opts.labels, ids, dgrid, opts.resample) if opts.sparsities is not None
+                       else oracle_keep(opts.labels, ids, dgrid, opts.resample))
+
+    # ---- decode once -------------------------------------------------------------------
+    stage("decoding")
     sizes = [det_hw] + ([(bavit.cfg.input_h, bavit.cfg.input_w)] if bavit is not None else [])
     stores = decode_once(files, sizes, Path(opts.out), tick)
     det_u8 = stores[0]
     n_timed = min(opts.timing_images, n)
+
+    # ---- BAViT probabilities, once per image ---------------------------------------------
     probs = bav_timed = None
     if bavit is not None:
         stage("BAViT")
         probs = infer_probs(bavit, stores[1], opts.batch_size, device, tick)
         bav_timed = stores[1][:n_timed]  # timing sees the BAViT inputs evaluation saw
 
-    rows: list[Row] = []
-    for sel in selectors:
-        if sel == "dense":
-            rows.append(Row("dense", float("nan"), dense_keep(n, dgrid)))
-        elif sel == "oracle":
-            rows.append(Row("oracle", float("nan"), oracle))
-        elif sel == "bavit":
-            rows += [Row("bavit", t, bavit_keep(probs, t, dgrid, opts.resample, opts.postprocess_steps))
-                     for t in thresholds]
-        elif sel == "random":
-            for t in thresholds:
-                ref = bavit_keep(probs, t, dgrid, opts.resample, opts.postprocess_steps)
-                rows.append(Row("random", t, random_keep(ref, [opts.seed, int(round(t * 1e6))])))
+    rows = _build_rows(opts, selectors, n, dgrid, probs, oracle_prio)
 
-    # ---- pass 2: detections per row --------------------------------------------------
+    # ---- detections per row --------------------------------------------------------------
     stage("detecting")
     det.to(dtype)
-    with torch.inference_mode():
-        for row in rows:
-            for s in range(0, n, opts.batch_size):
-                sl = slice(s, min(s + opts.batch_size, n))
-                x = to_input(det_u8[sl], IMAGE_MEAN, IMAGE_STD, device).to(dtype)
-                keep = None if row.selector == "dense" else torch.as_tensor(row.keep[sl], device=device)
-                if keep is not None and bool(keep.all()):
-                    keep = None
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
-                    out = pruned_forward(det, x, keep, layout=layout)
-                row.detections += detections_from_outputs(out.logits, out.pred_boxes, ids[sl], widths[sl], heights[sl])
-                if progress:
-                    progress(sl.stop - sl.start, total_work)
+    for row in rows:
+        row.detections = _detect(det, row.keep if row.selector != "dense" else None, det_u8, ids, widths, heights,
+                                 opts.batch_size, device, dtype, layout, lambda a: tick(a, n * len(rows)))
 
-    # ---- pass 3: metrics, tokens, timing ---------------------------------------------
+    # ---- timing: dense, BAViT and every row, round robin -----------------------------------
     stage("timing")
+    timing, run_timing = _time_rows(det, bavit, rows, det_u8[:n_timed], bav_timed, opts, device, dtype, layout, tick)
+
+    # ---- COCOeval, tokens, FLOPs ---------------------------------------------------------
+    stage("COCOeval")
     n_patches = dgrid[0] * dgrid[1]
     dense_g = detector_gflops(det.config, np.full(n, n_patches), n_patches)
-    t_idx = np.arange(n_timed)
     results = []
-    for row in rows:
+    for k, row in enumerate(rows):
         sparsity_i = 1.0 - row.keep.reshape(n, -1).mean(axis=1)
         kept_i = row.keep.reshape(n, -1).sum(axis=1)
-        stats = evaluate_detections(gt, row.detections, ids)
         with_bavit = row.selector == "bavit"
-        r = {"selector": row.selector, "threshold": row.threshold, "sparsity": float(sparsity_i.mean())}
-        r.update(stats)
+        r = {"selector": row.selector, "threshold": row.threshold, "policy": row.policy, "target": row.target}
+        r.update(sparsity_stats(row.keep))
+        r.update(evaluate_detections(gt, row.detections, ids))
         r.update(token_columns(sparsity_i, n_patches, det.config.num_hidden_layers,
                                bavit.cfg.n_tokens if bavit else 0, bavit.cfg.depth if bavit else 0, with_bavit))
         g = detector_gflops(det.config, kept_i, n_patches)
@@ -227,15 +263,81 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
             g += bavit_gflops(bavit.cfg)
         r["gflops"] = g
         r["flop_speedup"] = dense_g / g
-        r.update(_time_row(det, bavit if with_bavit else None, row, t_idx, det_u8, bav_timed, opts, device, dtype,
-                           layout, dgrid))
+        r.update(timing[k])
         r.update(device=_device_name(device), dtype=opts.dtype, batch_size=opts.batch_size, n_images=n)
         results.append(r)
+        tick(1, len(rows))
+    stage(None)
 
     out = Path(opts.out)
-    write_results(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start)
+    run_info = {"load_start": load_start, "load_end": machine_load(), "stage_seconds": stage_t,
+                "detector_size": list(det_hw), **run_timing}
+    write_results(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start,
+                  run_info)
     return {"out": str(out), "rows": results, "n_images": n, "missing_images": len(missing),
-            "seconds": time.perf_counter() - t_start}
+            "seconds": time.perf_counter() - t_start, "timing_noisy": any(r["timing_noisy"] for r in results),
+            **run_info}
+
+
+def _build_rows(opts, selectors, n, dgrid, probs, oracle) -> list[Row]:
+    """Every operating point's kept tokens: thresholds as today, or target sparsities."""
+    rows: list[Row] = []
+    nan = float("nan")
+    if opts.sparsities is None:
+        thresholds = opts.thresholds
+        bav = {t: bavit_keep(probs, t, dgrid, opts.resample, opts.postprocess_steps) for t in thresholds} \
+            if probs is not None else {}
+        for sel in selectors:
+            if sel == "dense":
+                rows.append(Row("dense", nan, dense_keep(n, dgrid)))
+            elif sel == "oracle":
+                rows.append(Row("oracle", nan, oracle))
+            elif sel == "bavit":
+                rows += [Row("bavit", t, bav[t]) for t in thresholds]
+            elif sel == "random":
+                rows += [Row("random", t, random_keep(bav[t], [opts.seed, int(round(t * 1e6))])) for t in thresholds]
+        return rows
+    pol = opts.policy
+    bav = {}
+    if probs is not None:
+        prio = bavit_priority(probs, dgrid, opts.resample)
+        for s in opts.sparsities:
+            keep, p_min = select_target(prio, s, pol, seed=[opts.seed, 1])
+            bav[s] = (keep, 1.0 - p_min if pol == "threshold" else nan)  # the BG-probability threshold reached
+    for sel in selectors:
+        if sel == "dense":
+            rows.append(Row("dense", nan, dense_keep(n, dgrid)))
+        elif sel == "bavit":
+            rows += [Row("bavit", bav[s][1], bav[s][0], policy=pol, target=s) for s in opts.sparsities]
+        elif sel == "oracle":
+            rows += [Row("oracle", nan, select_target(oracle, s, pol, seed=[opts.seed, 2])[0], policy=pol, target=s)
+                     for s in opts.sparsities]
+        elif sel == "random":
+            rows += [Row("random", nan, random_keep(bav[s][0], [opts.seed, int(round(s * 1e6))]), policy=pol,
+                         target=s) for s in opts.sparsities]
+    return rows
+
+
+def _autocast(device, dtype) -> dict:
+    return dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda")
+
+
+def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, layout, tick) -> list[dict]:
+    """One row's detections over every image (``keep`` None: dense)."""
+    out_dets = []
+    n = len(det_u8)
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            sl = slice(s, min(s + batch_size, n))
+            x = to_input(det_u8[sl], IMAGE_MEAN, IMAGE_STD, device).to(dtype)
+            k = None if keep is None else torch.as_tensor(keep[sl], device=device)
+            if k is not None and bool(k.all()):
+                k = None
+            with torch.autocast(**_autocast(device, dtype)):
+                out = pruned_forward(det, x, k, layout=layout)
+            out_dets += detections_from_outputs(out.logits, out.pred_boxes, ids[sl], widths[sl], heights[sl])
+            tick(sl.stop - sl.start)
+    return out_dets
 
 
 def _device_name(device) -> str:
@@ -244,62 +346,87 @@ def _device_name(device) -> str:
     return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
 
 
-def _time_row(det, bavit, row, t_idx, det_u8, bav_timed, opts, device, dtype, layout, dgrid) -> dict:
-    """Dense YOLOS vs (BAViT +) pruned YOLOS on the first images, batch by batch,
-    interleaved in this process; medians per batch summed over the timing set."""
-    if len(t_idx) == 0 or opts.timing_repeats < 1:
-        return {"latency_ms": float("nan"), "throughput_ips": float("nan"), "dense_latency_ms": float("nan"),
-                "speedup": float("nan"), "detector_speedup": float("nan"), "peak_mem_mb": float("nan")}
+NO_TIMING = {"latency_ms": float("nan"), "latency_spread": float("nan"), "throughput_ips": float("nan"),
+             "dense_latency_ms": float("nan"), "dense_spread": float("nan"), "speedup": float("nan"),
+             "detector_speedup": float("nan"), "peak_mem_mb": float("nan"), "timing_noisy": False}
+
+
+def _time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tick) -> tuple[list[dict], dict]:
+    """Dense YOLOS (once), BAViT (once, when a row uses it) and every row's pruned YOLOS on
+    the first timing images, round robin over ``timing_repeats`` rounds after one warm-up
+    round. Per row: medians per image, spreads (IQR / median) and the noisy flag; per run:
+    the dense reference's samples and drift."""
+    n_t = len(det_u8)
+    if n_t == 0 or opts.timing_repeats < 1:
+        return [dict(NO_TIMING) for _ in rows], {"dense_drift": float("nan"), "timing_seconds": 0.0}
+    t0 = time.perf_counter()
     bs = opts.batch_size
-    totals = {"dense": 0.0, "pruned": 0.0, "full": 0.0}
-    peak = 0.0
-    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda")
-    for s in range(0, len(t_idx), bs):
-        sl = t_idx[s:s + bs]
-        x = to_input(det_u8[sl], IMAGE_MEAN, IMAGE_STD, device).to(dtype)
-        keep = torch.as_tensor(row.keep[sl], device=device)
+    ac = _autocast(device, dtype)
+    xs = [to_input(det_u8[s:s + bs], IMAGE_MEAN, IMAGE_STD, device).to(dtype) for s in range(0, n_t, bs)]
+    fns: dict[str, Callable] = {}
+    warm: dict[str, Callable] = {}  # the same work on the first batch: warm-up and memory probe
+    fns["dense"] = lambda xs=xs: _dense(det, xs, ac)
+    warm["dense"] = lambda: _dense(det, xs[:1], ac)
+    if bavit is not None and any(r.selector == "bavit" for r in rows):
+        xbs = [to_input(bav_u8[s:s + bs], bavit.cfg.mean, bavit.cfg.std, device) for s in range(0, n_t, bs)]
+        if dtype != torch.float32:
+            xbs = [xb.to(dtype) for xb in xbs]
+        fns["bavit"] = lambda: _bavit(bavit, xbs, ac)
+        warm["bavit"] = lambda: _bavit(bavit, xbs[:1], ac)
+    keeps = {}
+    for k, row in enumerate(rows):
         if row.selector == "dense":
-            keep = None
-        fns = {"dense": lambda: _dense(det, x, autocast)}
-        if keep is not None:
-            fns["pruned"] = lambda: _pruned(det, x, keep, layout, autocast)
-        if bavit is not None:
-            xb = to_input(np.stack([bav_timed[i] for i in sl]), bavit.cfg.mean, bavit.cfg.std, device)
-            t = row.threshold
-
-            def full():
-                with torch.autocast(**autocast):
-                    p = bavit.fg_prob(xb.to(dtype) if dtype != torch.float32 else xb)
-                g = (1.0 - p.float()) < t
-                if opts.postprocess_steps:
-                    g = torch.as_tensor(refine(g.cpu().numpy(), opts.postprocess_steps), device=device)
-                k = resample_torch(g, dgrid)
-                return _pruned(det, x, k, layout, autocast)
-
-            fns["full"] = full
-        med = time_interleaved(fns, device, repeats=opts.timing_repeats)
-        totals["dense"] += med["dense"]
-        totals["pruned"] += med.get("pruned", med["dense"])
-        totals["full"] += med.get("full", med.get("pruned", med["dense"]))
-        peak = max(peak, peak_memory_mb(fns.get("full", fns.get("pruned", fns["dense"])), device))
-    n = len(t_idx)
-    return {
-        "latency_ms": 1000 * totals["full"] / n,
-        "throughput_ips": n / totals["full"],
-        "dense_latency_ms": 1000 * totals["dense"] / n,
-        "speedup": totals["dense"] / totals["full"],
-        "detector_speedup": totals["dense"] / totals["pruned"],
-        "peak_mem_mb": peak,
-    }
-
-
-def _dense(det, x, autocast):
-    with torch.autocast(**autocast):
-        return det(pixel_values=x)
-
-
-def _pruned(det, x, keep, layout, autocast):
-    with torch.autocast(**autocast):
-        return pruned_forward(det, x, keep, layout=layout)
+            continue
+        keeps[k] = [torch.as_tensor(row.keep[s:min(s + bs, n_t)], device=device) for s in range(0, n_t, bs)]
+        fns[f"row{k}"] = lambda ks=keeps[k]: _pruned(det, xs, ks, layout, ac)
+        warm[f"row{k}"] = lambda ks=keeps[k]: _pruned(det, xs[:1], ks[:1], layout, ac)
+    total = (opts.timing_repeats + 2) * len(fns)
+    samples = time_round_robin(fns, device, repeats=opts.timing_repeats, warmup=1, tick=lambda: tick(1, total),
+                               warmup_fns=warm)
+    peaks = {}
+    for name, f in warm.items():
+        if name != "bavit":
+            peaks[name] = peak_memory_mb(f, device)
+        tick(1, total)
+    per_img = lambda v: np.asarray(v) / n_t  # noqa: E731
+    d = per_img(samples["dense"])
+    d_med, d_spread, d_drift = float(np.median(d)), spread(d), drift(d)
+    b = per_img(samples["bavit"]) if "bavit" in samples else None
+    out = []
+    for k, row in enumerate(rows):
+        if row.selector == "dense":
+            det_s = full = d
+        else:
+            det_s = per_img(samples[f"row{k}"])
+            full = det_s + b if (row.selector == "bavit" and b is not None) else det_s
+        lat = float(np.median(full))
+        lat_spread = spread(full)
+        noisy = bool(max(np.nan_to_num(lat_spread), np.nan_to_num(d_spread), np.nan_to_num(d_drift)) > NOISY_SPREAD)
+        out.append({
+            "latency_ms": 1000 * lat, "latency_spread": lat_spread, "throughput_ips": 1.0 / lat,
+            "dense_latency_ms": 1000 * d_med, "dense_spread": d_spread,
+            "speedup": d_med / lat, "detector_speedup": d_med / float(np.median(det_s)),
+            "peak_mem_mb": peaks.get("dense" if row.selector == "dense" else f"row{k}", float("nan")),
+            "timing_noisy": noisy,
+        })
+    run = {"dense_drift": d_drift, "dense_samples_ms": [1000 * v for v in d.tolist()],
+           "dense_peak_mem_mb": peaks.get("dense"), "timing_seconds": time.perf_counter() - t0}
+    return out, run
 
 
+def _dense(det, xs, ac):
+    for x in xs:
+        with torch.autocast(**ac):
+            det(pixel_values=x)
+
+
+def _bavit(bavit, xbs, ac):
+    for xb in xbs:
+        with torch.autocast(**ac):
+            bavit.fg_prob(xb)
+
+
+def _pruned(det, xs, keeps, layout, ac):
+    for x, k in zip(xs, keeps):
+        with torch.autocast(**ac):
+            pruned_forward(det, x, k, layout=layout)

@@ -1,12 +1,16 @@
-"""Side-by-side timing (interleaved, warmed up, medians) and peak-memory probes."""
+"""Side-by-side timing (round robin, warmed up, medians with their spread), the peak
+memory of a forward's own allocations, and the machine's load."""
 from __future__ import annotations
 
-import statistics
+import os
 import time
-from pathlib import Path
+import weakref
 from typing import Callable
 
+import numpy as np
 import torch
+
+NOISY_SPREAD = 0.10  # a spread (IQR / median) or a dense drift above this marks timing noisy
 
 
 def _sync(device):
@@ -14,37 +18,111 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn (A, B, A, B, ...)."""
+def time_round_robin(fns: dict[str, Callable[[], object]], device, repeats: int = 3, warmup: int = 1,
+                     tick: Callable[[], None] | None = None,
+                     warmup_fns: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of every function, ``repeats`` samples each, measured round robin:
+    each repeat calls every function once, starting one further along the list every time
+    (so no function always runs first). ``warmup`` rounds run first and are discarded
+    (calling ``warmup_fns`` where given, e.g. the same work on one batch). ``tick`` is
+    called after each warm-up round's and each timed call (progress)."""
+    names = list(fns)
+    times = {k: [] for k in names}
+    warm = warmup_fns or fns
     with torch.inference_mode():
         for _ in range(warmup):
-            for f in fns.values():
-                f()
+            for k in names:
+                warm[k]()
+                if tick:
+                    tick()
         _sync(device)
-        times = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, f in fns.items():
+        for r in range(repeats):
+            for j in range(len(names)):
+                k = names[(j + r) % len(names)]
                 _sync(device)
                 t = time.perf_counter()
-                f()
+                fns[k]()
                 _sync(device)
                 times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+                if tick:
+                    tick()
+    return times
 
 
-def _rss_kb(field: str) -> int | None:
+def time_interleaved(fns: dict[str, Callable[[], object]], device, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, measured round robin (see time_round_robin)."""
+    return {k: float(np.median(v)) for k, v in time_round_robin(fns, device, repeats, warmup).items()}
+
+
+def spread(samples) -> float:
+    """IQR / median of repeated measurements (NaN with fewer than two)."""
+    v = np.asarray(samples, dtype=np.float64)
+    if len(v) < 2 or not np.median(v) > 0:
+        return float("nan")
+    q1, q3 = np.percentile(v, [25, 75])
+    return float((q3 - q1) / np.median(v))
+
+
+def drift(samples) -> float:
+    """Relative change of a measurement over a run: median of the last half of the samples
+    against the first half, |last - first| / first (NaN with fewer than two)."""
+    v = np.asarray(samples, dtype=np.float64)
+    if len(v) < 2:
+        return float("nan")
+    h = len(v) // 2
+    first, last = np.median(v[:h]), np.median(v[-h:])
+    return float(abs(last - first) / first) if first > 0 else float("nan")
+
+
+def machine_load() -> dict:
+    """The 1/5/15-minute load averages and the CPU count (load is NaN where unknown)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
+        la = os.getloadavg()
     except OSError:
-        return None
-    return None
+        la = (float("nan"),) * 3
+    return {"load_1m": la[0], "load_5m": la[1], "load_15m": la[2], "cpus": os.cpu_count()}
+
+
+class _AllocTracker(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every tensor storage an operator creates while active, minus
+    those freed again; ``peak`` is the high-water mark."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                  if isinstance(a, torch.Tensor) and a.device.type == "cpu"}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t._base is not None or t.device.type != "cpu":
+                continue
+            st = t.untyped_storage()
+            key, nb = st.data_ptr(), st.nbytes()
+            if nb == 0 or key in self._seen or key in inputs:  # views and in-place results allocate nothing
+                continue
+            self._seen.add(key)
+            self.live += nb
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, key, nb)
+        return out
+
+    def _free(self, key, nb):
+        if key in self._seen:
+            self._seen.discard(key)
+            self.live -= nb
 
 
 def peak_memory_mb(fn: Callable[[], object], device) -> float:
-    """Peak memory of one call: CUDA allocator peak on GPU; on CPU the growth of the
-    resident set's high-water mark over its level before the call (Linux; NaN elsewhere)."""
+    """Peak memory of one call's own allocations, in MiB. CUDA: the allocator's peak over
+    its level before the call. CPU: the high-water mark of the bytes held by tensors that
+    the call's operators created (weights and inputs, which exist before, do not count;
+    scratch space inside a single kernel is not seen)."""
     with torch.inference_mode():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -53,13 +131,8 @@ def peak_memory_mb(fn: Callable[[], object], device) -> float:
             fn()
             torch.cuda.synchronize(device)
             return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        except OSError:
-            return float("nan")
-        before = _rss_kb("VmRSS")
-        fn()
-        peak = _rss_kb("VmHWM")
-        if before is None or peak is None:
-            return float("nan")
-        return max(peak - before, 0) / 1024
+        tracker = _AllocTracker()
+        with tracker:
+            out = fn()
+        del out
+        return tracker.peak / 2 ** 20

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..evaluate.results import row_name
 from ..evaluate.sweep import read_results
 from ..runtime.errors import InputFileError
 from ..runtime.fileio import atomic_write_text
@@ -23,6 +24,7 @@ MODEL_NAMES = {"bavit": "BAViT+YOLOS", "oracle": "Oracle+YOLOS", "random": "Rand
 @dataclass
 class ReportInputs:
     results: str | None = None
+    finetuned_results: str | None = None  # prune-eval of a sparsely fine-tuned detector: its rows are YOLOS-F
     train_runs: list[str] = field(default_factory=list)
     pred: str | None = None
     refined: str | None = None
@@ -38,14 +40,40 @@ def _fmt(v, p=2):
     return f"{v:.{p}f}" if isinstance(v, float) else str(v)
 
 
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _point(r: dict) -> str:
+    """A row's operating point: the target sparsity (``topk 0.50`` for the fixed-rate
+    policy), else the BG threshold, else ``-``."""
+    if not _nan(r.get("target")):
+        return f"{'topk ' if r.get('policy') == 'topk' else ''}{r['target']:.2f}"
+    return _fmt(r["threshold"], 2)
+
+
+def _pm(v, spread, p=2) -> str:
+    return _fmt(v, p) + ("" if _nan(spread) else f" ±{100 * spread:.0f}%")
+
+
+def _speed_spread(r: dict) -> float:
+    """Relative spread of a speedup: the latency's and the dense reference's combined."""
+    a, b = r.get("latency_spread", float("nan")), r.get("dense_spread", float("nan"))
+    if _nan(a) or _nan(b):
+        return float("nan")
+    return float(math.hypot(a, b)) if r["selector"] != "dense" else float(a)
+
+
 def table2(rows: list[dict]) -> list[dict]:
-    """Table-2 style rows: the paper's columns, then ours."""
+    """Table-2 style rows: the paper's columns and the measured speedup (noisy timing
+    marked *); the rest goes to :func:`table2_details`."""
     out = []
     for r in rows:
+        noisy = "*" if r.get("timing_noisy") else ""
         out.append({
-            "model": MODEL_NAMES.get(r["selector"], r["selector"]),
+            "model": r.get("model") or MODEL_NAMES.get(r["selector"], r["selector"]),
             "selector": r["selector"],
-            "threshold": _fmt(r["threshold"], 2),
+            "target": _point(r),
             "sparsity %": _fmt(100 * r["sparsity"], 1),
             "mAP": _fmt(100 * r["map"], 2),
             "BAViT": _fmt(r["bavit_tokens"], 0),
@@ -53,14 +81,32 @@ def table2(rows: list[dict]) -> list[dict]:
             "YOLOS pruned": _fmt(r["yolos_pruned_tokens"], 0),
             "YOLOS+BAViT": _fmt(r["total_tokens"], 0),
             "% reduction": _fmt(r["token_reduction_pct"], 2),
+            "speedup": _pm(r["speedup"], _speed_spread(r)) + noisy,
+        })
+    return out
+
+
+def table2_details(rows: list[dict]) -> list[dict]:
+    """The secondary columns of Table 2: spread of sparsity, more AP, FLOPs, timing and memory."""
+    out = []
+    for r in rows:
+        out.append({
+            "model": r.get("model") or MODEL_NAMES.get(r["selector"], r["selector"]),
+            "target": _point(r),
+            "policy": r.get("policy", "-") if not _nan(r.get("target")) else "-",
+            "BG threshold": _fmt(r["threshold"], 3),
+            "sparsity p10–p90 %": f"{_fmt(100 * r.get('sparsity_p10', float('nan')), 1)}–"
+                                  f"{_fmt(100 * r.get('sparsity_p90', float('nan')), 1)}",
             "AP50": _fmt(100 * r["map50"], 2),
             "AP75": _fmt(100 * r["map75"], 2),
             "GFLOPs": _fmt(r["gflops"], 3),
-            "latency ms": _fmt(r["latency_ms"], 2),
-            "throughput img/s": _fmt(r["throughput_ips"], 1),
-            "speedup": _fmt(r["speedup"], 2),
+            "FLOP speedup": _fmt(r["flop_speedup"], 2),
+            "latency ms": _pm(r["latency_ms"], r.get("latency_spread")),
+            "dense ms": _pm(r["dense_latency_ms"], r.get("dense_spread")),
             "detector speedup": _fmt(r["detector_speedup"], 2),
+            "throughput img/s": _fmt(r["throughput_ips"], 1),
             "peak mem MB": _fmt(r["peak_mem_mb"], 1),
+            "timing": "noisy" if r.get("timing_noisy") else ("-" if _nan(r["latency_ms"]) else "ok"),
         })
     return out
 
@@ -119,12 +165,14 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html_table(rows: list[dict]) -> str:
+def _html_table(rows: list[dict], grey: list[bool] | None = None) -> str:
     if not rows:
         return "<p><em>no rows</em></p>"
     cols = list(rows[0])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+    grey = grey or [False] * len(rows)
+    body = "".join(("<tr class='noisy'>" if g else "<tr>") + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols)
+                   + "</tr>" for r, g in zip(rows, grey))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -139,9 +187,11 @@ def _ideal(meta: dict):
     c = SimpleNamespace(**{k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                "num_detection_tokens", "patch_size")},
                         num_labels=len(cfg.get("id2label", {})) or 91)
-    size = meta["options"]["detector_size"]
+    size = meta.get("detector_size") or meta["options"]["detector_size"] or cfg.get("image_size")
+    if isinstance(size, int):
+        size = (size, size)
     n = (size[0] // c.patch_size) * (size[1] // c.patch_size)
-    s = np.linspace(0, 0.9, 46)
+    s = np.linspace(0, 0.95, 96)
     dense = detector_gflops(c, np.array([n]), n)
     return s, np.array([dense / detector_gflops(c, np.array([n * (1 - v)]), n) for v in s])
 
@@ -152,31 +202,46 @@ def build_report(inp: ReportInputs, progress=None) -> dict:
     figs: list[tuple[str, str, str]] = []  # (file, title, caption)
     tables = {}
     rows, meta = [], {}
+    notes: dict[str, str] = {}
+    greys: dict[str, list[bool]] = {}
     if inp.results:
         rows = read_results(inp.results)
         mp = Path(inp.results) / "meta.json"
         meta = json.loads(mp.read_text()) if mp.is_file() else {}
-        t2 = table2(rows)
+        f_rows = []
+        if inp.finetuned_results:
+            f_rows = [dict(r, model="BAViT+YOLOS-F") for r in read_results(inp.finetuned_results)
+                      if r["selector"] == "bavit"]
+        all_rows = rows + f_rows
+        t2, t2d = table2(all_rows), table2_details(all_rows)
         atomic_write_text(out / "table2.csv", _csv(t2))
         atomic_write_text(out / "table2.md", _markdown(t2))
-        tables["Table 2: token reduction, accuracy and speed"] = t2
-        figures.map_vs_sparsity(rows, out / "map_vs_sparsity.png")
+        atomic_write_text(out / "table2_details.csv", _csv(t2d))
+        title2 = "Table 2: token reduction, accuracy and speed"
+        tables[title2] = t2
+        tables["Table 2, details: sparsity spread, AP, FLOPs, timing, memory"] = t2d
+        grey = [bool(r.get("timing_noisy")) for r in all_rows]
+        greys[title2] = greys["Table 2, details: sparsity spread, AP, FLOPs, timing, memory"] = grey
+        notes[title2] = _timing_note(all_rows, meta)
+        figures.map_vs_sparsity(rows, out / "map_vs_sparsity.png", f_rows)
         figs.append(("map_vs_sparsity.png", "mAP vs sparsity",
-                     "Each selector's mAP as sparsity grows; the dashed line is dense YOLOS. Labels on BAViT points are BG-probability thresholds."))
+                     "Each selector's mAP over the sparsities evaluated (one line per selector); the dashed line is "
+                     "dense YOLOS, the star the sparsely fine-tuned YOLOS-F."))
         figures.speedup_vs_sparsity(rows, out / "speedup_vs_sparsity.png", _ideal(meta))
         figs.append(("speedup_vs_sparsity.png", "Speedup vs sparsity",
-                     "Measured speedups (timed side by side with dense YOLOS in one process) against the FLOP-ideal curve."))
+                     "Measured speedups over dense YOLOS (timed round robin with it in one process; error bars: "
+                     "the spreads, IQR/median, of both) against the FLOP-ideal curve. Hollow markers: noisy timing."))
         figures.reduction_vs_map(rows, out / "reduction_vs_map.png")
         figs.append(("reduction_vs_map.png", "Token reduction vs mAP",
                      "Paper eq. 4: reduction counts BAViT's own tokens, so light pruning can be a net increase."))
         per = meta.get("per_image_sparsity", {})
         pick = {k: v for k, v in per.items() if k.startswith("bavit_")}
         if pick:
-            keys = sorted(pick)
-            sel = {k: pick[k] for k in (keys[0], keys[len(keys) // 2], keys[-1])}
+            keys = list(pick)  # in row order: increasing target or threshold
+            sel = {k: pick[k] for k in dict.fromkeys((keys[0], keys[len(keys) // 2], keys[-1]))}
             figures.sparsity_hist(sel, out / "sparsity_hist.png")
             figs.append(("sparsity_hist.png", "Per-image sparsity",
-                         "Sparsity varies from image to image at a fixed threshold (BAViT rows)."))
+                         "Sparsity varies from image to image under one global threshold (BAViT rows)."))
     t1 = table1(inp.train_runs, inp.pred)
     if t1:
         atomic_write_text(out / "table1.csv", _csv(t1))
@@ -197,7 +262,7 @@ def build_report(inp: ReportInputs, progress=None) -> dict:
             _finetune_curve(ms, out / "finetune_curves.png")
             figs.append(("finetune_curves.png", "Detector training", "Set loss and val mAP per epoch."))
     figs += _image_figures(inp, rows, meta, out)
-    _write_index(out, tables, figs, inp, meta)
+    _write_index(out, tables, figs, inp, meta, notes, greys)
     return {"out": str(out), "tables": list(tables), "figures": [f[0] for f in figs]}
 
 
@@ -255,6 +320,24 @@ def _image_figures(inp: ReportInputs, rows, meta, out: Path) -> list:
     return figs
 
 
+def _row_file(r: dict) -> str:
+    return row_name(r["selector"], r["threshold"], r.get("target", float("nan")), r.get("policy", "threshold"))
+
+
+def _timing_note(rows: list[dict], meta: dict) -> str:
+    noisy = [r for r in rows if r.get("timing_noisy")]
+    ls, le = (meta.get("load_start") or {}), (meta.get("load_end") or {})
+    load = (f" Machine load (1 min) {_fmt(ls.get('load_1m'), 1)} at the start, {_fmt(le.get('load_1m'), 1)} at the end"
+            f" ({ls.get('cpus', '?')} CPUs).") if ls else ""
+    if not noisy:
+        return "Speedups: medians of round-robin repeats against dense YOLOS timed in the same process." + load
+    spreads = [max(r.get("latency_spread") or 0, r.get("dense_spread") or 0) for r in noisy]
+    return (f"Rows in grey (speedup marked *) have noisy timing: a spread (IQR / median) above 10 % "
+            f"(worst {100 * max(spreads):.0f} %) or the dense reference drifting by "
+            f"{_fmt(100 * (meta.get('dense_drift') or float('nan')), 0)} % over the run (limit 10 %); "
+            "their speed numbers are not reliable." + load)
+
+
 def _detection_figure(inp, rows, meta, out) -> list:
     from ..data.images import load_image
 
@@ -263,9 +346,9 @@ def _detection_figure(inp, rows, meta, out) -> list:
     dense = [r for r in rows if r["selector"] == "dense"]
     if not bav or not (det_dir / "dense.json").is_file():
         return []
-    a_name = "dense.json" if dense else f"bavit_{bav[0]['threshold']:.2f}.json"
+    a_name = "dense.json" if dense else f"{_row_file(bav[0])}.json"
     hi = bav[-1]
-    b_name = f"bavit_{hi['threshold']:.2f}.json"
+    b_name = f"{_row_file(hi)}.json"
     if not (det_dir / b_name).is_file():
         return []
     da = json.loads((det_dir / a_name).read_text())
@@ -290,8 +373,8 @@ def _detection_figure(inp, rows, meta, out) -> list:
     if not imgs:
         return []
     id2name = {int(k): v for k, v in ((meta.get("detector_config") or {}).get("id2label") or {}).items()}
-    names = ("dense YOLOS" if dense else f"BAViT thr {bav[0]['threshold']:.2f}",
-             f"BAViT thr {hi['threshold']:.2f} (sparsity {100 * hi['sparsity']:.0f} %)")
+    names = ("dense YOLOS" if dense else f"BAViT {_point(bav[0])}",
+             f"BAViT at sparsity {100 * hi['sparsity']:.0f} %")
     figures.detections(imgs, ga, gb, names, None, out / "detections.png", id2name)
     return [("detections.png", "Detections at two sparsities", "Boxes with score ≥ 0.5 from dense YOLOS and from the sparsest BAViT row.")]
 
@@ -302,24 +385,37 @@ table{border-collapse:collapse;font-size:.8rem;margin:.5rem 0;display:block;over
 th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right;white-space:nowrap}th{background:#f4f4f4}
 tr:nth-child(even) td{background:#fafafa}.figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:1.2rem}
 figure{margin:0;border:1px solid #eee;padding:.6rem;border-radius:6px}figure img{width:100%}figcaption{font-size:.8rem;color:#555}figure.wide{grid-column:1/-1}
-.meta{font-size:.8rem;color:#666}"""
+.meta{font-size:.8rem;color:#666}.note{font-size:.8rem;color:#555;max-width:60rem}
+tr.noisy td{color:#999;background:#f0f0f0}"""
 
 
-def _write_index(out: Path, tables: dict, figs: list, inp: ReportInputs, meta: dict) -> None:
+def _write_index(out: Path, tables: dict, figs: list, inp: ReportInputs, meta: dict, notes=None, greys=None) -> None:
     from .. import __version__
 
+    notes, greys = notes or {}, greys or {}
+    opts = meta.get("options", {})
+    what = ""
+    if meta:
+        data = opts.get("root") or opts.get("ann") or "-"
+        split = f" / {opts['split']}" if opts.get("split") else ""
+        size = meta.get("detector_size") or opts.get("detector_size")
+        what = (f" · detector: {html.escape(str(opts.get('detector', '-')))}"
+                f"{' at ' + 'x'.join(map(str, size)) if size else ''}"
+                f" · dataset: {html.escape(str(meta.get('dataset', '-')))} {html.escape(str(data))}{html.escape(split)}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bavit report</title><style>{CSS}</style></head><body>",
              "<h1>BAViT token pruning report</h1>",
              f"<p class='meta'>bavit {__version__} · {time.strftime('%Y-%m-%d %H:%M')} · results: "
-             f"{html.escape(str(inp.results))} · images evaluated: {meta.get('n_images', '-')}</p>"]
+             f"{html.escape(str(inp.results))}{what} · images evaluated: {meta.get('n_images', '-')}</p>"]
     for title, rows in tables.items():
-        parts.append(f"<h2>{html.escape(title)}</h2>{_html_table(rows)}")
+        parts.append(f"<h2>{html.escape(title)}</h2>{_html_table(rows, greys.get(title))}")
+        if title in notes:
+            parts.append(f"<p class='note'>{html.escape(notes[title])}</p>")
     if figs:
         parts.append("<h2>Figures</h2><div class='figs'>")
         for f, t, c in figs:
             wide = " class='wide'" if f.startswith(WIDE_FIGURES) else ""
-            parts.append(f"<figure{wide}><img src='{f}' alt='{html.escape(t)}'><figcaption><b>{html.escape(t)}.</b> "
-                         f"{html.escape(c)}</figcaption></figure>")
+            parts.append(f"<figure{wide}><img src='{html.escape(f, quote=True)}' alt='{html.escape(t, quote=True)}'>"
+                         f"<figcaption><b>{html.escape(t)}.</b> {html.escape(c)}</figcaption></figure>")
         parts.append("</div>")
     parts.append("</body></html>")
     atomic_write_text(out / "index.html", "\n".join(parts))

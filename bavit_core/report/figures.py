@@ -41,20 +41,32 @@ def _by_selector(rows):
     return out
 
 
-def map_vs_sparsity(rows, path: Path) -> Path:
+def _isnan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def map_vs_sparsity(rows, path: Path, finetuned=()) -> Path:
+    """mAP against reached sparsity, one line per selector (and policy), over the whole
+    0–100 % range with the y axis from 0; ``finetuned`` rows (YOLOS-F) as stars."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = _by_selector(rows)
+    top = max([r["map"] for r in rows] + [r["map"] for r in finetuned] + [1e-3])
     for sel, rs in groups.items():
         if sel == "dense":
             ax.axhline(rs[0]["map"], color=COLORS["dense"], ls="--", label=f"{LABELS['dense']} ({rs[0]['map']:.3f})")
             continue
         xs = [100 * r["sparsity"] for r in rs]
-        ax.plot(xs, [r["map"] for r in rs], "o-", color=COLORS.get(sel), label=LABELS.get(sel, sel))
+        ax.plot(xs, [r["map"] for r in rs], "o-", color=COLORS.get(sel), label=LABELS.get(sel, sel), ms=4)
         for r, x in zip(rs, xs):
-            if sel == "bavit" and not math.isnan(r["threshold"]):
+            if sel == "bavit" and _isnan(r.get("target")) and not _isnan(r["threshold"]):
                 ax.annotate(f"{r['threshold']:.2f}", (x, r["map"]), textcoords="offset points", xytext=(3, 4),
                             fontsize=7, color=COLORS["bavit"])
+    for r in finetuned:
+        ax.plot([100 * r["sparsity"]], [r["map"]], "*", ms=13, color="#9467bd", mec="black", mew=0.5,
+                label=f"BAViT + YOLOS-F ({r['map']:.3f})")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, top * 1.12)
     ax.set_xlabel("sparsity (% of patch tokens pruned)")
     ax.set_ylabel("mAP@[.5:.95]")
     ax.set_title("Accuracy vs sparsity")
@@ -62,24 +74,40 @@ def map_vs_sparsity(rows, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _rel_err(r, with_dense=True) -> float:
+    a = r.get("latency_spread", float("nan"))
+    b = r.get("dense_spread", float("nan")) if with_dense else 0.0
+    if _isnan(a) or _isnan(b):
+        return 0.0
+    return math.hypot(a, b)
+
+
 def speedup_vs_sparsity(rows, path: Path, ideal: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
-    """Measured detector and end-to-end speedups per selector, with the FLOP-ideal curve
-    ``ideal`` = (sparsity array, dense/pruned FLOP ratio array) of the detector alone."""
+    """Measured detector and end-to-end speedups per selector with error bars (the spreads
+    of the row and of the dense reference, combined), and the FLOP-ideal curve ``ideal`` =
+    (sparsity array, dense/pruned FLOP ratio array) of the detector alone. Rows whose
+    timing is noisy are drawn hollow."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for sel, rs in _by_selector(rows).items():
-        if sel == "dense":
+        if sel == "dense" or all(_isnan(r["detector_speedup"]) for r in rs):
             continue
-        xs = [100 * r["sparsity"] for r in rs]
-        ax.plot(xs, [r["detector_speedup"] for r in rs], "o-", color=COLORS.get(sel),
-                label=f"{LABELS.get(sel, sel)}: detector")
+        xs = np.array([100 * r["sparsity"] for r in rs])
+        ys = np.array([r["detector_speedup"] for r in rs])
+        err = ys * np.array([_rel_err(r) for r in rs])
+        ax.errorbar(xs, ys, yerr=err, fmt="-", color=COLORS.get(sel), capsize=2, lw=1.2,
+                    label=f"{LABELS.get(sel, sel)}: detector")
+        noisy = np.array([bool(r.get("timing_noisy")) for r in rs])
+        ax.plot(xs[~noisy], ys[~noisy], "o", color=COLORS.get(sel), ms=4)
+        ax.plot(xs[noisy], ys[noisy], "o", mfc="white", mec=COLORS.get(sel), ms=5)
         if sel == "bavit":
-            ax.plot(xs, [r["speedup"] for r in rs], "s--", color=COLORS["bavit"], alpha=0.6,
-                    label="BAViT + YOLOS: end to end")
-            ax.plot(xs, [r["flop_speedup"] for r in rs], ":", color="black", alpha=0.7, label="FLOP ratio incl. BAViT")
+            e2e = np.array([r["speedup"] for r in rs])
+            ax.errorbar(xs, e2e, yerr=e2e * np.array([_rel_err(r) for r in rs]), fmt="s--", color=COLORS["bavit"],
+                        alpha=0.6, capsize=2, ms=3, label="BAViT + YOLOS: end to end")
     if ideal is not None:
         ax.plot(100 * ideal[0], ideal[1], "k-", alpha=0.3, lw=3, label="FLOP-ideal (detector)")
     ax.axhline(1.0, color=COLORS["dense"], ls="--", lw=1)
+    ax.set_xlim(0, 100)
     ax.set_xlabel("sparsity (% of patch tokens pruned)")
     ax.set_ylabel("speedup over dense YOLOS (x)")
     ax.set_title(f"Measured speed ({rows[0]['device']}, batch {int(rows[0]['batch_size'])})" if rows else "Speed",

@@ -151,12 +151,31 @@ class StageProgress:
                 self._line()
 
 
+class _SilentProgress:
+    """StageProgress's interface, showing nothing (the other ranks under torchrun)."""
+
+    def __call__(self, advance: int, total: int | None = None) -> None:
+        pass
+
+    def stage(self, name: str, unit: str | None = None) -> None:
+        pass
+
+    def substage(self, name: str) -> None:
+        pass
+
+    def close(self, completed: bool = True) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None, stages: int | None = None, unit: str = "images",
                  interval: float = 30.0, epochs: int | None = None) -> Iterator[StageProgress]:
     """Yield a :class:`StageProgress`: a rich bar on a terminal, plain numbered lines on
     stderr otherwise (``stages``: how many the command has, None for a one-stage command;
     ``epochs``: the library reports steps per epoch and the run has this many)."""
+    if not is_main_process():  # under torchrun only rank 0 shows progress
+        yield _SilentProgress()
+        return
     if err_console.is_terminal:
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn()]

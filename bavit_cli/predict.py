@@ -32,7 +32,7 @@ def predict(
     """
     main = is_main_process()
     with progress_bar("predict") as progress:
-        r = run_predict(model, out, labels, images, threshold, batch_size, device, progress if main else None)
+        r = run_predict(model, out, labels, images, threshold, batch_size, device, progress)
     if not main:
         return
     rows = [("images", r["images"]), ("missing images", r["missing"]), ("predicted sparsity", f"{r['sparsity']:.3f}"),

@@ -11,6 +11,8 @@ from rich.table import Table
 from bavit_core.data.grid import parse_size
 from bavit_core.evaluate.sweep import STAGES, PruneEvalOptions, parse_sparsities, parse_thresholds, prune_eval
 
+from bavit_core.runtime.launch import is_main_process
+
 from .common import cli_command, console, err_console, print_table, progress_bar
 
 UNITS = {"loading": "", "decoding": "images", "BAViT": "images", "detecting": "image passes",
@@ -50,6 +52,7 @@ def prune_eval_cmd(
     \b
     Example:
         bavit prune-eval --model runs/bavit-small --detector hustvl/yolos-tiny --root coco --split val2017 --labels val.parquet --sparsities 0:0.9:0.1 --out results/
+    Scale out:  torchrun --nproc_per_node 4 -m bavit_cli prune-eval ... (images sharded, rank 0 writes)
     """
     opts = PruneEvalOptions(
         detector=detector, dataset=dataset, root=str(root) if root else None, split=split,
@@ -65,6 +68,8 @@ def prune_eval_cmd(
     n_stages = len(STAGES) - (0 if model else 1)
     with progress_bar("prune-eval", stages=n_stages) as progress:
         r = prune_eval(opts, progress, on_stage=lambda s: progress.stage(s, UNITS.get(s)))
+    if not is_main_process():  # under torchrun rank 0 reports
+        return
     print_table(summary_table(r, batch_size))
     if r["timing_noisy"]:
         err_console.print(timing_warning(r), highlight=False, soft_wrap=True)

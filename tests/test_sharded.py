@@ -1,4 +1,6 @@
 """Sharded evaluation under torchrun (2 CPU processes, gloo): results equal one process."""
+import csv
+import json
 import os
 import socket
 import subprocess
@@ -7,11 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from transformers import YolosForObjectDetection
 
 from bavit_core.bavit.predict import read_predictions
 from bavit_core.bavit.train import TrainOptions, train_bavit
 from bavit_core.data import open_dataset
 from bavit_core.data.grid import GridSpec
+from bavit_core.data.synthetic import CLASS_NAMES
+from bavit_core.detection.yolos import init_new_yolos, tiny_yolos_config
 from bavit_core.labels import LabelOptions, label_dataset
 from bavit_core.runtime.distributed import Dist, shard_block
 
@@ -56,6 +62,12 @@ def bavit_run(coco_synth, tmp_path_factory):
     aset = open_dataset("coco", root=coco_synth, split="train2017", need_masks=True)
     label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(64, 64, 16)), d / "train.parquet")
     train_bavit(TrainOptions(labels=str(d / "train.parquet"), epochs=1, batch_size=8, out=str(d / "run")))
+    torch.manual_seed(0)
+    cfg = tiny_yolos_config("nano", num_labels=len(CLASS_NAMES) + 1, image_size=(64, 64),
+                            id2label={0: "N/A", **{i + 1: n for i, n in enumerate(CLASS_NAMES)}})
+    det = YolosForObjectDetection(cfg)
+    init_new_yolos(det, 0)
+    det.save_pretrained(d / "det")
     return d
 
 
@@ -87,3 +99,31 @@ def test_an_error_on_one_rank_is_one_line_from_rank_0_and_no_output(bavit_run, c
     # torchrun's launcher adds its own failure summary; nothing of ours is a traceback
     assert "bavit_core" not in res.stderr and "bavit_cli/" not in res.stderr
     assert not (tmp_path / "p.parquet").exists()
+
+
+TIMING = {"latency_ms", "latency_spread", "throughput_ips", "dense_latency_ms", "dense_spread", "speedup",
+          "detector_speedup", "peak_mem_mb", "timing_noisy", "device"}  # device: threads differ under torchrun
+
+
+def test_prune_eval_on_two_processes_equals_one_process(bavit_run, coco_synth, tmp_path):
+    args = ["prune-eval", "--detector", bavit_run / "det", "--model", bavit_run / "run", "--root", coco_synth,
+            "--split", "val2017", "--labels", bavit_run / "val.parquet", "--sparsities", "0.25,0.5",
+            "--timing-images", "2", "--timing-repeats", "1"]
+    res = torchrun(*args, "--out", tmp_path / "two")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("Wrote ") == 1 and res.stderr.count("stage 1/6") == 1  # rank 0 alone reports
+    code, _, err = run_cli(*args, "--out", tmp_path / "one")
+    assert code == 0, err
+    a = list(csv.DictReader(open(tmp_path / "two" / "results.csv")))
+    b = list(csv.DictReader(open(tmp_path / "one" / "results.csv")))
+    assert len(a) == len(b) == 7  # dense + (bavit, oracle, random) x 2 targets
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+        assert ra["latency_ms"] != "nan"  # rank 0 timed
+    files = sorted(p.name for p in (tmp_path / "one" / "detections").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two" / "detections").iterdir()) and len(files) == 7
+    for f in files:
+        assert (tmp_path / "two" / "detections" / f).read_bytes() == (tmp_path / "one" / "detections" / f).read_bytes()
+    ma, mb = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("two", "one"))
+    assert ma["per_image_sparsity"] == mb["per_image_sparsity"] and ma["image_ids"] == mb["image_ids"]
+    assert ma["world_size"] == 2 and mb["world_size"] == 1

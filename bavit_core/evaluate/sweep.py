@@ -32,6 +32,7 @@ from ..detection.selection import (POLICIES, SELECTORS, bavit_keep, bavit_priori
                                    oracle_priority, random_keep, select_target, sparsity_stats)
 from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, detector_input_size, load_detector
 from ..runtime.devices import resolve_device
+from ..runtime.distributed import Dist
 from ..runtime.errors import InputFileError, OptionError
 from .results import CSV_COLUMNS, read_results, row_name, write_results
 from .timing import NOISY_SPREAD, drift, machine_load, peak_memory_mb, spread, time_round_robin
@@ -168,7 +169,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     load_start = machine_load()
     _check_options(opts)
     selectors = _selectors(opts)
-    device = resolve_device(opts.device)
+    device = Dist.local_device(resolve_device(opts.device))
     layout = opts.layout or ("pad" if device.type == "cuda" else "pack")
     if layout not in LAYOUTS:
         raise OptionError(f"--layout must be one of {', '.join(LAYOUTS)}")
@@ -188,7 +189,14 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
             on_stage(name)
 
     tick = progress or (lambda a, t: None)
+    dist = Dist(device)  # under torchrun: images sharded, results gathered to rank 0
+    try:
+        return _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, tick, t_start, load_start)
+    finally:
+        dist.close()
 
+
+def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, tick, t_start, load_start) -> dict:
     stage("loading")
     det = load_detector(opts.detector, device)
     det_hw = tuple(opts.detector_size) if opts.detector_size else detector_input_size(det)
@@ -217,28 +225,41 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
         oracle_prio = (oracle_priority(opts.labels, ids, dgrid, opts.resample) if opts.sparsities is not None
                        else oracle_keep(opts.labels, ids, dgrid, opts.resample))
 
-    # ---- decode once -------------------------------------------------------------------
-    stage("decoding")
+    # ---- decode once (this process's block of the images under torchrun) -------------------
+    mine = dist.shard(n)
     sizes = [det_hw] + ([(bavit.cfg.input_h, bavit.cfg.input_w)] if bavit is not None else [])
-    stores = decode_once(files, sizes, Path(opts.out), tick)
-    det_u8 = stores[0]
-    n_timed = min(opts.timing_images, n)
+    stores: list = []
 
-    # ---- BAViT probabilities, once per image ---------------------------------------------
-    probs = bav_timed = None
-    if bavit is not None:
-        stage("BAViT")
-        probs = infer_probs(bavit, stores[1], opts.batch_size, device, tick)
-        bav_timed = stores[1][:n_timed]  # timing sees the BAViT inputs evaluation saw
+    def decode_and_bavit():
+        stage("decoding")
+        stores.extend(decode_once([files[i] for i in mine], sizes, Path(opts.out), tick))
+        if bavit is None:
+            return None
+        stage("BAViT")  # probabilities once per image; every rank needs all of them (calibration)
+        return infer_probs(bavit, stores[1], opts.batch_size, device, tick)
+
+    parts = dist.run_shard(decode_and_bavit)
+    probs = None if bavit is None else np.concatenate(parts)
+    det_u8 = stores[0]
+    n_timed = min(opts.timing_images, len(mine))  # timing runs on rank 0's first images
+    bav_timed = None if bavit is None else stores[1][:n_timed]  # the BAViT inputs evaluation saw
 
     rows = _build_rows(opts, selectors, n, dgrid, probs, oracle_prio)
 
-    # ---- detections per row --------------------------------------------------------------
+    # ---- detections per row (per shard, gathered in image order) ----------------------------
     stage("detecting")
     det.to(dtype)
-    for row in rows:
-        row.detections = _detect(det, row.keep if row.selector != "dense" else None, det_u8, ids, widths, heights,
-                                 opts.batch_size, device, dtype, layout, lambda a: tick(a, n * len(rows)))
+
+    def detect_shard():
+        return [_detect(det, row.keep[mine] if row.selector != "dense" else None, det_u8, ids[mine], widths[mine],
+                        heights[mine], opts.batch_size, device, dtype, layout,
+                        lambda a: tick(a, len(mine) * len(rows))) for row in rows]
+
+    per_rank = dist.run_shard(detect_shard)
+    for k, row in enumerate(rows):
+        row.detections = [d for part in per_rank for d in part[k]]
+    if not dist.main:  # rank 0 times, evaluates and writes
+        return {"out": str(opts.out), "rows": [], "n_images": n, "missing_images": len(missing), "rank": dist.rank}
 
     # ---- timing: dense, BAViT and every row, round robin -----------------------------------
     stage("timing")
@@ -272,6 +293,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     out = Path(opts.out)
     run_info = {"load_start": load_start, "load_end": machine_load(), "stage_seconds": stage_t,
                 "detector_size": list(det_hw), **run_timing}
+    run_info["world_size"] = dist.world
     write_results(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start,
                   run_info)
     return {"out": str(out), "rows": results, "n_images": n, "missing_images": len(missing),

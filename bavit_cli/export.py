@@ -42,9 +42,9 @@ def export(
                          policy=policy, pruned_tokens=pruned_tokens, dense=dense, opset=opset)
     show = (lambda s: err_console.print(f"[dim]exporting {s}[/]")) if err_console.is_terminal else None
     r = export_onnx(opts, show)
-    console.print(f"Grids: {r['grids']}")
+    console.print(f"Grids: {r['grids']}", soft_wrap=True)
     rows = []
     for name, diffs in r["verified"].items():
         rows.append((f"{name}.onnx", "max |ORT - PyTorch| " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())))
     print_table(kv_table(f"bavit export ({r['seconds']:.1f} s)", rows))
-    console.print(f"Wrote {', '.join(r['graphs'])} and manifest.json to {r['out']}")
+    console.print(f"Wrote {', '.join(r['graphs'])} and manifest.json to {r['out']}", soft_wrap=True)

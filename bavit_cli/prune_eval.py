@@ -38,6 +38,8 @@ def prune_eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random selector."),
     out: Path = typer.Option(Path("results"), "--out", help="Results directory."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch, or onnx: BAViT and the detector run from --exported graphs in ONNX Runtime (no timing columns; see bench_onnx.py)."),
+    exported: Optional[Path] = typer.Option(None, "--exported", help="Directory from bavit export (with --runtime onnx)."),
 ) -> None:
     """Evaluate YOLOS on FG tokens only: mAP, tokens and speed per selector and threshold.
 
@@ -54,6 +56,7 @@ def prune_eval_cmd(
         batch_size=batch_size, detector_size=parse_size(detector_size), resample=resample,
         postprocess_steps=postprocess_steps, layout=layout, timing_images=timing_images,
         timing_repeats=timing_repeats, max_images=max_images, dtype=dtype, device=device, seed=seed, out=str(out),
+        runtime=runtime, exported=str(exported) if exported else None,
     )
     with progress_bar("prune-eval") as progress:
         r = prune_eval(opts, progress, on_stage=lambda s: err_console.print(f"[dim]{s}[/]") if err_console.is_terminal else None)

@@ -86,6 +86,8 @@ class PruneEvalOptions:
     device: str = "auto"
     seed: int = 0
     out: str = "results"
+    runtime: str = "torch"  # or "onnx": BAViT and the detector run from --exported graphs in ONNX Runtime
+    exported: str | None = None
 
 
 @dataclass
@@ -137,6 +139,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     det_hw = tuple(opts.detector_size)
     dgrid = detector_grid(det, det_hw)
     bavit = load_bavit(opts.model, device=device) if opts.model else None
+    onnx_rt = _onnx_runtime(opts, det, det_hw, bavit, device)
 
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
     img_dir = aset.images_dir
@@ -169,11 +172,14 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     sizes = [det_hw] + ([(bavit.cfg.input_h, bavit.cfg.input_w)] if bavit is not None else [])
     stores = decode_once(files, sizes, Path(opts.out), tick)
     det_u8 = stores[0]
-    n_timed = min(opts.timing_images, n)
+    n_timed = min(opts.timing_images, n) if onnx_rt is None else 0  # ORT timing: examples/benchmarks/bench_onnx.py
     probs = bav_timed = None
     if bavit is not None:
         stage("BAViT")
-        probs = infer_probs(bavit, stores[1], opts.batch_size, device, tick)
+        if onnx_rt is not None:
+            probs = onnx_rt.bavit_probs(stores[1], opts.batch_size, tick)
+        else:
+            probs = infer_probs(bavit, stores[1], opts.batch_size, device, tick)
         bav_timed = stores[1][:n_timed]  # timing sees the BAViT inputs evaluation saw
 
     rows: list[Row] = []
@@ -201,9 +207,13 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
                 keep = None if row.selector == "dense" else torch.as_tensor(row.keep[sl], device=device)
                 if keep is not None and bool(keep.all()):
                     keep = None
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
-                    out = pruned_forward(det, x, keep, layout=layout)
-                row.detections += detections_from_outputs(out.logits, out.pred_boxes, ids[sl], widths[sl], heights[sl])
+                if onnx_rt is not None:
+                    logits, boxes = onnx_rt.detect(x, keep)
+                else:
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
+                        out = pruned_forward(det, x, keep, layout=layout)
+                    logits, boxes = out.logits, out.pred_boxes
+                row.detections += detections_from_outputs(logits, boxes, ids[sl], widths[sl], heights[sl])
                 if progress:
                     progress(sl.stop - sl.start, total_work)
 
@@ -236,6 +246,23 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     write_results(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start)
     return {"out": str(out), "rows": results, "n_images": n, "missing_images": len(missing),
             "seconds": time.perf_counter() - t_start}
+
+
+def _onnx_runtime(opts: PruneEvalOptions, det, det_hw, bavit, device):
+    """``--runtime onnx``: the exported graphs, checked against the loaded models (None for torch)."""
+    if opts.runtime not in ("torch", "onnx"):
+        raise OptionError(f"--runtime must be torch or onnx, got {opts.runtime!r}")
+    if opts.runtime == "torch":
+        if opts.exported:
+            raise OptionError("--exported goes with --runtime onnx")
+        return None
+    if not opts.exported:
+        raise OptionError("--runtime onnx needs --exported DIR (from bavit export)")
+    if opts.dtype != "fp32":
+        raise OptionError("--runtime onnx runs the exported fp32 graphs: leave --dtype at fp32")
+    from ..export.ort import ExportedModels
+
+    return ExportedModels(opts.exported, det, det_hw, bavit, str(device))
 
 
 def _device_name(device) -> str:

@@ -22,7 +22,7 @@ def export(
     policy: str = typer.Option("threshold", "--policy", help="threshold (--threshold) or topk (--sparsity: every image keeps ceil((1-S)*P) tokens)."),
     pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="Pruned-token treatment; only drop (the paper) is exported yet, not pool or preserve."),
     dense: bool = typer.Option(False, "--dense", help="Also export the unpruned detector (detector_dense.onnx) for comparison."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset (14..20)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset, 7..20 (bavit.onnx and pipeline.onnx need 14 or more)."),
 ) -> None:
     """Export BAViT and the token-pruned YOLOS to ONNX, checked in ONNX Runtime.
 

@@ -306,3 +306,30 @@ def test_prune_eval_onnx_checks_the_export_against_its_inputs(models, exported, 
     assert err_of("--detector", models["mid"], "--detector-size", "64", "--runtime", "onnx", "--exported",
                   models["run"]) == f"Error: {models['run']}: not a bavit export directory (manifest.json missing)"
     assert not (tmp_path / "r").exists()
+
+
+def test_shipped_demo_detector_in_onnx_runtime_equals_pytorch(coco_synth, tmp_path):
+    from bavit_core.data.images import load_image, to_input
+    from bavit_core.demo import detector_input_size, shipped_detector
+    from bavit_core.detection.yolos import IMAGE_MEAN, IMAGE_STD
+
+    det_dir = shipped_detector()
+    size = detector_input_size(det_dir)
+    code, _, err = run_cli("export", "--detector", det_dir, "--out", tmp_path / "demo",
+                           "--detector-size", f"{size[0]}x{size[1]}")
+    assert code == 0, err
+    det = load_detector(str(det_dir))
+    ort = ExportedModels(tmp_path / "demo", det, size)
+    files = sorted((coco_synth / "val2017").iterdir())[:3]
+    x = to_input(np.stack([load_image(f, size) for f in files]), IMAGE_MEAN, IMAGE_STD)
+    p = ort.n_patches
+    g = torch.Generator().manual_seed(0)
+    for k in (p, 0, p // 5, p // 2):
+        keep = torch.zeros(3, p, dtype=torch.bool)
+        for i in range(3):
+            keep[i, torch.randperm(p, generator=g)[:k]] = True
+        with torch.no_grad():
+            ref = pruned_forward(det, x, keep)
+        logits, boxes = ort.detect(x, keep)
+        np.testing.assert_allclose(boxes.numpy(), ref.pred_boxes.numpy(), atol=TOL, rtol=0)
+        np.testing.assert_allclose(logits.softmax(-1).numpy(), ref.logits.softmax(-1).numpy(), atol=TOL, rtol=0)

@@ -8,6 +8,7 @@ import typer
 from bavit_core import __version__
 
 from . import demo as _demo
+from . import export as _export
 from . import finetune as _finetune
 from . import label as _label
 from . import postprocess as _postprocess
@@ -54,6 +55,7 @@ COMMANDS = {
     "prune-eval": _prune_eval.prune_eval_cmd,
     "finetune": _finetune.finetune,
     "report": _report.report,
+    "export": _export.export,
     "demo": _demo.demo,
 }
 for _name, _fn in COMMANDS.items():

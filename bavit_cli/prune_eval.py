@@ -46,6 +46,8 @@ def prune_eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random selector and of tie-breaking."),
     out: Path = typer.Option(Path("results"), "--out", help="Results directory."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch, or onnx: BAViT and the detector run from --exported graphs in ONNX Runtime (no timing columns; see bench_onnx.py)."),
+    exported: Optional[Path] = typer.Option(None, "--exported", help="Directory from bavit export (with --runtime onnx)."),
 ) -> None:
     """Evaluate YOLOS on FG tokens only: mAP, tokens and speed per selector and operating point.
 
@@ -64,6 +66,7 @@ def prune_eval_cmd(
         batch_size=batch_size, detector_size=parse_size(detector_size) if detector_size else None, resample=resample,
         postprocess_steps=postprocess_steps, layout=layout, timing_images=timing_images,
         timing_repeats=timing_repeats, max_images=max_images, dtype=dtype, device=device, seed=seed, out=str(out),
+        runtime=runtime, exported=str(exported) if exported else None,
     )
     n_stages = len(STAGES) - (0 if model else 1)
     with progress_bar("prune-eval", stages=n_stages) as progress:

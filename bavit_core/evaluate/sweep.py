@@ -110,6 +110,8 @@ class PruneEvalOptions:
     device: str = "auto"
     seed: int = 0
     out: str = "results"
+    runtime: str = "torch"  # or "onnx": BAViT and the detector run from --exported graphs in ONNX Runtime
+    exported: str | None = None
 
 
 @dataclass
@@ -202,6 +204,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     det_hw = tuple(opts.detector_size) if opts.detector_size else detector_input_size(det)
     dgrid = detector_grid(det, det_hw)
     bavit = load_bavit(opts.model, device=device) if opts.model else None
+    onnx_rt = _onnx_runtime(opts, det, det_hw, bavit, device)
 
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
     cat_map = category_map_for(aset, det.config.id2label,
@@ -236,12 +239,16 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         if bavit is None:
             return None
         stage("BAViT")  # probabilities once per image; every rank needs all of them (calibration)
+        if onnx_rt is not None:
+            return onnx_rt.bavit_probs(stores[1], opts.batch_size, tick)
         return infer_probs(bavit, stores[1], opts.batch_size, device, tick)
 
     parts = dist.run_shard(decode_and_bavit)
     probs = None if bavit is None else np.concatenate(parts)
     det_u8 = stores[0]
     n_timed = min(opts.timing_images, len(mine))  # timing runs on rank 0's first images
+    if onnx_rt is not None:
+        n_timed = 0  # ORT timing: examples/benchmarks/bench_onnx.py
     bav_timed = None if bavit is None else stores[1][:n_timed]  # the BAViT inputs evaluation saw
 
     rows = _build_rows(opts, selectors, n, dgrid, probs, oracle_prio)
@@ -253,7 +260,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     def detect_shard():
         return [_detect(det, row.keep[mine] if row.selector != "dense" else None, det_u8, ids[mine], widths[mine],
                         heights[mine], opts.batch_size, device, dtype, layout,
-                        lambda a: tick(a, len(mine) * len(rows))) for row in rows]
+                        lambda a: tick(a, len(mine) * len(rows)), onnx_rt) for row in rows]
 
     per_rank = dist.run_shard(detect_shard)
     for k, row in enumerate(rows):
@@ -344,8 +351,10 @@ def _autocast(device, dtype) -> dict:
     return dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda")
 
 
-def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, layout, tick) -> list[dict]:
-    """One row's detections over every image (``keep`` None: dense)."""
+def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, layout, tick,
+            onnx_rt=None) -> list[dict]:
+    """One row's detections over every image (``keep`` None: dense); ``onnx_rt``: run the
+    exported detector graph in ONNX Runtime instead of the PyTorch forward."""
     out_dets = []
     n = len(det_u8)
     with torch.inference_mode():
@@ -355,11 +364,32 @@ def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, 
             k = None if keep is None else torch.as_tensor(keep[sl], device=device)
             if k is not None and bool(k.all()):
                 k = None
-            with torch.autocast(**_autocast(device, dtype)):
-                out = pruned_forward(det, x, k, layout=layout)
-            out_dets += detections_from_outputs(out.logits, out.pred_boxes, ids[sl], widths[sl], heights[sl])
+            if onnx_rt is not None:
+                logits, boxes = onnx_rt.detect(x, k)
+            else:
+                with torch.autocast(**_autocast(device, dtype)):
+                    out = pruned_forward(det, x, k, layout=layout)
+                logits, boxes = out.logits, out.pred_boxes
+            out_dets += detections_from_outputs(logits, boxes, ids[sl], widths[sl], heights[sl])
             tick(sl.stop - sl.start)
     return out_dets
+
+
+def _onnx_runtime(opts: PruneEvalOptions, det, det_hw, bavit, device):
+    """``--runtime onnx``: the exported graphs, checked against the loaded models (None for torch)."""
+    if opts.runtime not in ("torch", "onnx"):
+        raise OptionError(f"--runtime must be torch or onnx, got {opts.runtime!r}")
+    if opts.runtime == "torch":
+        if opts.exported:
+            raise OptionError("--exported goes with --runtime onnx")
+        return None
+    if not opts.exported:
+        raise OptionError("--runtime onnx needs --exported DIR (from bavit export)")
+    if opts.dtype != "fp32":
+        raise OptionError("--runtime onnx runs the exported fp32 graphs: leave --dtype at fp32")
+    from ..export.ort import ExportedModels
+
+    return ExportedModels(opts.exported, det, det_hw, bavit, str(device))
 
 
 def _device_name(device) -> str:

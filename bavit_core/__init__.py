@@ -38,6 +38,8 @@ _EXPORTS = {
     "read_results": "evaluate.results",
     "FinetuneOptions": "finetune.options",
     "finetune_detector": "finetune.loop:finetune",
+    "ExportOptions": "export.onnx_export",
+    "export_onnx": "export.onnx_export",
     "ReportInputs": "report.build",
     "build_report": "report.build",
     "DemoOptions": "demo",

@@ -13,7 +13,9 @@ operators ONNX has for a dynamic token count (Gather, NonZero, TopK, MatMul, Sof
 * the pruned detector takes one image and the indices (K,) of its kept patch tokens,
   0 ≤ K ≤ P, and runs the encoder on [CLS, detection tokens, kept patches] (the order
   ``pruned_forward`` uses); pruned tokens are never computed;
-* query, key and value are one MatMul (their weights concatenated once, at export).
+* query, key and value are one MatMul (their weights concatenated once, at export), with
+  the attention scale 1/sqrt(head dim) folded into the query weights, so no elementwise
+  pass runs over the (tokens × tokens) score matrix before its softmax.
 """
 from __future__ import annotations
 
@@ -50,13 +52,13 @@ class _Encoder(nn.Module):
         self.model = model
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.scale = model.vit.encoder.layer[0].attention.attention.scaling
         for i, layer in enumerate(model.vit.encoder.layer):
             sa = layer.attention.attention
-            w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]).detach().t().contiguous()
+            s = sa.scaling
+            w = torch.cat([sa.query.weight * s, sa.key.weight, sa.value.weight]).detach().t().contiguous()
             self.register_buffer(f"qkv_w{i}", w, persistent=False)
             if sa.query.bias is not None:
-                b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]).detach().clone()
+                b = torch.cat([sa.query.bias * s, sa.key.bias, sa.value.bias]).detach().clone()
                 self.register_buffer(f"qkv_b{i}", b, persistent=False)
 
     def _attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,7 @@ class _Encoder(nn.Module):
             qkv = qkv + bias
         qkv = qkv.reshape(b, -1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, T, hd)
-        a = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1)
+        a = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # q carries the scale
         return (a @ v).transpose(1, 2).reshape(b, -1, self.heads * self.head_dim)
 
     def forward(self, h: torch.Tensor, mid: torch.Tensor | None, det: slice):

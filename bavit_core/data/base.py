@@ -38,6 +38,10 @@ class AnnotationSet:
     skipped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
     mask_fn: Callable[[int], tuple | None] | None = None
+    #: COCO only: the validated ground truth as a COCO dict (images, annotations with finite,
+    #: positive-size boxes and integer ids, categories) for COCOeval, so prune-eval and
+    #: finetune evaluate against exactly what the loader accepted, never the raw JSON.
+    coco_gt: dict | None = None
 
     @property
     def n_images(self) -> int:

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
+import signal
+import sys
+import threading
+import warnings
 from typing import Callable, Iterator
 
 import typer
@@ -21,18 +27,71 @@ def fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up runs (temp files removed)."""
+
+
+_resume_hints: list[str] = []
+
+
+@contextlib.contextmanager
+def resume_hint(command: str) -> Iterator[None]:
+    """While the block runs, an interrupt tells the user ``command`` resumes the work."""
+    _resume_hints.append(command)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise  # cli_command reads the hint, then clears it
+    except BaseException:
+        _resume_hints.pop()
+        raise
+    else:
+        _resume_hints.pop()
+
+
+def quiet_libraries() -> None:
+    """Silence library noise (Python warnings, transformers/torch/numpy chatter) so an
+    error is one ``Error:`` line and a result is our own output only."""
+    warnings.simplefilter("ignore")
+    for k, v in (("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                 ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TF_CPP_MIN_LOG_LEVEL", "3")):
+        os.environ.setdefault(k, v)
+    if "transformers" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["transformers"].utils.logging.set_verbosity_error()
+    logging.getLogger("timm").setLevel(logging.ERROR)
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def cli_command(fn: Callable) -> Callable:
-    """Turn BavitError into a one-line ``Error: ...`` with exit code 1, no traceback."""
+    """Turn BavitError into a one-line ``Error: ...`` with exit code 1, no traceback.
+
+    Ctrl-C (exit 130) and SIGTERM (exit 143) unwind the same way: atomic writes remove their
+    temporary files, and the user is told how to resume when the command can."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                quiet_libraries()
+                return fn(*args, **kwargs)
         except BavitError as exc:
             fail(str(exc))
-        except KeyboardInterrupt:
-            err_console.print("Interrupted; no output was left half-written.")
-            raise typer.Exit(code=130)
+        except KeyboardInterrupt as exc:
+            what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
+            hint = f" Resume with: {_resume_hints[-1]}" if _resume_hints else ""
+            err_console.print(f"{what}; no output was left half-written.{hint}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=143 if isinstance(exc, Terminated) else 130)
+        finally:
+            _resume_hints.clear()
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
     return wrapper
 

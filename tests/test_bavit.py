@@ -116,9 +116,13 @@ def test_nan_loss_stops_with_a_message(small_labels, tmp_path, monkeypatch):
 
 def test_train_cli_errors(small_labels, tmp_path):
     code, _, err = run_cli("train", "--resume", "--out", tmp_path / "none")
+    assert (code, err.strip()) == (1, f"Error: {tmp_path / 'none'}: cannot resume: run directory not found")
+    (tmp_path / "none").mkdir()
+    code, _, err = run_cli("train", "--resume", "--out", tmp_path / "none")
     assert (code, err.strip()) == (1, f"Error: {tmp_path / 'none'}: cannot resume: not a bavit run directory (config.json missing)")
     code, _, err = run_cli("train", "--labels", small_labels / "train2017.parquet", "--epochs", "0", "--out", tmp_path / "r")
-    assert (code, err.strip()) == (1, "Error: --epochs must be at least 1")
+    assert (code, err.strip()) == (1, "Error: --epochs must be at least 1, got 0")
+    assert not (tmp_path / "r").exists()
 
 
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(small_labels, tmp_path):

@@ -11,7 +11,7 @@ from bavit_core.data.grid import parse_size
 from bavit_core.finetune.loop import FinetuneOptions
 from bavit_core.finetune.loop import finetune as run_finetune
 
-from .common import cli_command, console, progress_bar
+from .common import cli_command, console, err_console, progress_bar, resume_hint
 
 
 @cli_command
@@ -50,6 +50,7 @@ def finetune(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("detectors/yolos-F"), "--out", help="Output directory (HF layout)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused otherwise)."),
 ) -> None:
     """Train YOLOS on FG tokens only (sparse fine-tuning), or a small YOLOS from scratch.
 
@@ -77,8 +78,13 @@ def finetune(
                           f"L1 {row['train_loss_bbox']:.3f} giou {row['train_loss_giou']:.3f}){v}  "
                           f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}", highlight=False)
 
-    with progress_bar("finetune") as step:
-        r = run_finetune(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch)
+    def on_resume(epoch: int, epochs: int) -> None:
+        if main:
+            err_console.print(f"Resuming {out} from epoch {epoch} of {epochs}.", highlight=False, soft_wrap=True)
+
+    with resume_hint(f"bavit finetune --out {out} --resume"), progress_bar("finetune") as step:
+        r = run_finetune(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch,
+                         overwrite=overwrite, on_resume=on_resume)
     if main:
         sp = "" if r["train_sparsity"] is None else f", training sparsity {r['train_sparsity']:.3f}"
         console.print(f"Trained {r['epochs']} epochs on {r['train_images']} images ({r['val_images']} val){sp}. "

@@ -6,8 +6,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from bavit_core.demo import DemoOptions, run_demo
-
 from .common import cli_command, console, print_table, progress_bar
 
 
@@ -25,6 +23,8 @@ def demo(
     Example:
         bavit demo --out demo/ --quick
     """
+    from bavit_core.demo import DemoOptions, run_demo
+
     bars = {}
 
     def progress_for(stage):

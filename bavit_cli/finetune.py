@@ -7,10 +7,6 @@ from typing import Optional
 
 import typer
 
-from bavit_core.data.grid import parse_size
-from bavit_core.finetune.loop import FinetuneOptions
-from bavit_core.finetune.loop import finetune as run_finetune
-
 from .common import cli_command, console, err_console, progress_bar, resume_hint
 
 
@@ -59,6 +55,10 @@ def finetune(
         bavit finetune --detector hustvl/yolos-tiny --root coco --split train2017 --selector oracle --labels train.parquet --epochs 30 --out detectors/yolos-tiny-F
         bavit finetune --from-scratch --detector-config micro --dense-aux 1.0 --root data/det --split train2017 --detector-size 128 --out detectors/det
     """
+    from bavit_core.data.grid import parse_size
+    from bavit_core.finetune.loop import FinetuneOptions
+    from bavit_core.finetune.loop import finetune as run_finetune
+
     opts = FinetuneOptions(
         dataset=dataset, root=str(root) if root else None, split=split, ann=str(ann) if ann else None,
         images=str(images) if images else None, val_split=val_split, val_labels=str(val_labels) if val_labels else None,

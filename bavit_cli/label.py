@@ -6,12 +6,6 @@ from typing import Optional
 
 import typer
 
-from bavit_core.data import open_dataset
-from bavit_core.data.grid import GridSpec, parse_size
-from bavit_core.labels import LabelOptions, label_dataset
-from bavit_core.runtime.errors import OptionError
-from bavit_core.runtime.fileio import refuse_output_over_inputs
-
 from .common import cli_command, console, kv_table, print_table, progress_bar
 
 
@@ -42,6 +36,12 @@ def label(
     Example:
         bavit label --dataset coco --root data/shapes --split val2017 --source masks --out labels.parquet
     """
+    from bavit_core.data import open_dataset
+    from bavit_core.data.grid import GridSpec, parse_size
+    from bavit_core.labels import LabelOptions, label_dataset
+    from bavit_core.runtime.errors import OptionError
+    from bavit_core.runtime.fileio import refuse_output_over_inputs
+
     ih, iw = parse_size(input_size)
     opts = LabelOptions(source=source, criterion=criterion, tau=tau, mask_threshold=mask_threshold,
                         grid=GridSpec(ih, iw, patch_size), crowd=crowd, difficult=difficult, void=void)

@@ -6,8 +6,6 @@ from typing import Optional
 
 import typer
 
-from bavit_core.bavit.predict import predict as run_predict
-
 from .common import cli_command, console, kv_table, print_table, progress_bar
 
 
@@ -27,6 +25,8 @@ def predict(
     Example:
         bavit predict --model runs/bavit-small --labels val.parquet --out preds.parquet
     """
+    from bavit_core.bavit.predict import predict as run_predict
+
     with progress_bar("predict") as progress:
         r = run_predict(model, out, labels, images, threshold, batch_size, device, progress)
     rows = [("images", r["images"]), ("missing images", r["missing"]), ("predicted sparsity", f"{r['sparsity']:.3f}"),

@@ -8,9 +8,6 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from bavit_core.data.grid import parse_size
-from bavit_core.evaluate.sweep import PruneEvalOptions, parse_thresholds, prune_eval
-
 from .common import cli_command, console, err_console, print_table, progress_bar
 
 
@@ -45,6 +42,9 @@ def prune_eval_cmd(
     Example:
         bavit prune-eval --model runs/bavit-small --detector hustvl/yolos-tiny --root coco --split val2017 --labels val.parquet --thresholds 0.3:0.9 --out results/
     """
+    from bavit_core.data.grid import parse_size
+    from bavit_core.evaluate.sweep import PruneEvalOptions, parse_thresholds, prune_eval
+
     opts = PruneEvalOptions(
         detector=detector, dataset=dataset, root=str(root) if root else None, split=split,
         ann=str(ann) if ann else None, images=str(images) if images else None,

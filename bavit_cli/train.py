@@ -7,8 +7,6 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from bavit_core.bavit.train import TrainOptions, train_bavit
-
 from .common import cli_command, console, err_console, progress_bar, resume_hint
 
 
@@ -53,6 +51,8 @@ def train(
         bavit train --labels train.parquet --val-labels val.parquet --depth 2 --epochs 30 --out runs/bavit-small
     Scale out:  torchrun --nproc_per_node 2 -m bavit_cli train --labels train.parquet ...
     """
+    from bavit_core.bavit.train import TrainOptions, train_bavit
+
     if labels is None and not resume:
         raise typer.BadParameter("--labels is required (unless --resume)")
     opts = TrainOptions(

@@ -26,6 +26,10 @@ def parse_json_file(path: Path):
         if _orjson is not None:
             return _orjson.loads(data)
         return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise InputFileError(path, f"not UTF-8 text ({exc.reason})") from None
+    except RecursionError:
+        raise InputFileError(path, "malformed JSON (nested too deeply)") from None
     except ValueError as exc:
         pos = getattr(exc, "pos", None)
         if pos is None:
@@ -34,8 +38,6 @@ def parse_json_file(path: Path):
         col = pos - (data.rfind(b"\n", 0, pos) + 1) + 1
         msg = getattr(exc, "msg", str(exc)).split(":")[0]
         raise InputFileError(path, f"malformed JSON at line {line}, column {col}: {msg}") from None
-    except UnicodeDecodeError as exc:
-        raise InputFileError(path, f"not UTF-8 text ({exc.reason})") from None
 
 
 def coco_paths(root: Path, split: str) -> tuple[Path, Path]:
@@ -118,7 +120,7 @@ def load_coco(
             continue
         cat = ann.get("category_id", 0)
         if not _is_int(cat):
-            skipped["annotation with a category_id that is not an integer"] += 1
+            skipped["annotation with non-integer category_id"] += 1
             continue
         is_crowd = ann.get("iscrowd", 0)
         if is_crowd not in (0, 1) or isinstance(is_crowd, float):
@@ -323,7 +325,7 @@ def _seg_to_rles(seg, h, w, issues: Counter, mask_utils) -> list:
                 ok = np.isfinite(a).all() and (a[0::2] >= -w).all() and (a[0::2] <= 2 * w).all() \
                     and (a[1::2] >= -h).all() and (a[1::2] <= 2 * h).all()
             if not ok:
-                issues["polygon with non-finite or far out-of-image coordinates"] += 1
+                issues["polygon with NaN or far-out coordinates"] += 1
                 continue
             polys.append(a.tolist())
         if not polys:

@@ -123,13 +123,33 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_replaceable_dir(dest: Path, markers: Iterable[str] = ()) -> None:
+    """Refuse to replace a directory that is not one of our outputs: a non-empty ``dest``
+    must hold one of ``markers`` (e.g. ``results.csv``), and never be the working
+    directory, one of its parents, or the home directory."""
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise InputFileError(dest, "is a file, expected a directory path")
+    r = dest.resolve()
+    cwd = Path.cwd().resolve()
+    if r == cwd or r in cwd.parents or r == Path.home().resolve():
+        raise OptionError(f"--out {dest} is the working or home directory (or holds it); name a new directory")
+    markers = tuple(markers)
+    if markers and any(dest.iterdir()) and not any((dest / m).exists() for m in markers):
+        raise InputFileError(dest, f"holds other files (no {' or '.join(markers)}): refusing to replace it; "
+                             "name a new or empty directory")
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+def atomic_dir(dest: str | os.PathLike, replace: bool = True, markers: Iterable[str] = ()) -> Iterator[Path]:
     """Build a directory in a temporary sibling and rename it onto ``dest`` whole.
 
     On success an existing ``dest`` is replaced (``replace=True``) as a unit, so readers see
     either the old directory or the complete new one, never a mix of two runs. On any
-    exception the temporary directory is removed and ``dest`` is untouched.
+    exception the temporary directory is removed and ``dest`` is untouched. An existing
+    non-empty ``dest`` is only replaced when it holds one of ``markers`` (see
+    :func:`check_replaceable_dir`).
     """
     dest = Path(dest)
     parent = _make_parent(dest)
@@ -137,6 +157,7 @@ def atomic_dir(dest: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
         raise InputFileError(dest, "is a file, expected a directory path")
     if dest.exists() and not replace:
         raise InputFileError(dest, "already exists")
+    check_replaceable_dir(dest, markers)
     clean_stale_temps(parent, dest.name)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmpdir", dir=parent))

@@ -96,6 +96,23 @@ def cli_command(fn: Callable) -> Callable:
     return wrapper
 
 
+def early_option_checks(device: str | None = None, choices: dict | None = None, **at_least) -> None:
+    """Option checks a command makes before any work: ``device`` a known name, each
+    ``name=(value, minimum)`` (value None = unset) at least its minimum, each
+    ``choices[name] = (value, allowed)`` one of the allowed values."""
+    from bavit_core.runtime.devices import check_device_name
+    from bavit_core.runtime.errors import OptionError
+
+    if device is not None:
+        check_device_name(device)
+    for name, (value, minimum) in at_least.items():
+        if value is not None and value < minimum:
+            raise OptionError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    for name, (value, allowed) in (choices or {}).items():
+        if value is not None and value not in allowed:
+            raise OptionError(f"unknown --{name.replace('_', '-')} {value!r}; choose {' or '.join(allowed)}")
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
     """Yield a ``progress(advance, total)`` callback drawing a rich bar on stderr."""

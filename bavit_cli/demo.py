@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import cli_command, console, print_table, progress_bar
+from .common import cli_command, console, early_option_checks, print_table, progress_bar
 
 
 @cli_command
@@ -25,6 +25,7 @@ def demo(
     """
     from bavit_core.demo import DemoOptions, run_demo
 
+    early_option_checks(device)
     bars = {}
 
     def progress_for(stage):

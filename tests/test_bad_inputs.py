@@ -126,6 +126,9 @@ DATA_LOSS = {
     "report --results R --out R": (lambda e, t: ["report", "--results", e["results"], "--out", e["results"]], "results"),
     "report --train-run R --out R": (lambda e, t: ["report", "--train-run", e["run"], "--out", e["run"]], "run"),
     "report --out the folder holding --pred": (lambda e, t: ["report", "--pred", e["preds"], "--out", e["d"]], "preds"),
+    "prune-eval --out the folder holding --labels": (
+        lambda e, t: ["prune-eval", "--detector", str(t / "d"), "--ann", e["ann"], "--images", e["imgs"], "--labels", e["labels"],
+                      "--out", e["d"]], "labels"),
     "finetune --out the folder holding --labels": (
         lambda e, t: ["finetune", "--from-scratch", "--ann", e["ann"], "--images", e["imgs"], "--selector", "oracle",
                       "--labels", e["labels"], "--out", e["d"]], "labels"),
@@ -737,6 +740,11 @@ def _synth_opts(*o):
     return lambda e, t: ["synth", *o, "--out", t / "out"]
 
 
+def _pe_opts(*o):
+    return lambda e, t: ["prune-eval", "--detector", str(t / "no-detector"), "--ann", e["ann"], "--images", e["imgs"],
+                         *o, "--out", t / "out"]
+
+
 def _report_opts(*o):
     return lambda e, t: ["report", "--train-run", e["run"], *o, "--out", t / "out"]
 
@@ -825,6 +833,20 @@ OPTIONS = {
     "report --examples 0": (_report_opts("--examples", "0"), "--examples must be at least 1"),
     "report --examples -3": (_report_opts("--examples", "-3"), "--examples must be at least 1"),
     "report nothing to report": (lambda e, t: ["report", "--out", t / "out"], "nothing to report"),
+    "prune-eval --device tpu": (_pe_opts("--device", "tpu"), "unknown --device 'tpu'"),
+    "prune-eval --device npu": (_pe_opts("--device", "npu"), "unknown --device 'npu'"),
+    "prune-eval --batch-size 0": (_pe_opts("--batch-size", "0"), "--batch-size must be at least 1"),
+    "prune-eval --max-images 0": (_pe_opts("--max-images", "0"), "--max-images must be at least 1"),
+    "prune-eval --max-images -1": (_pe_opts("--max-images", "-1"), "--max-images must be at least 1"),
+    "prune-eval --resample bogus": (_pe_opts("--resample", "bogus"), "unknown --resample 'bogus'"),
+    "prune-eval --layout diagonal": (_pe_opts("--layout", "diagonal"), "unknown --layout 'diagonal'"),
+    "prune-eval --timing-repeats 0": (_pe_opts("--timing-repeats", "0"), "--timing-repeats must be at least 1"),
+    "prune-eval --timing-images -1": (_pe_opts("--timing-images", "-1"), "--timing-images must be at least 0"),
+    "prune-eval --postprocess-steps -1": (_pe_opts("--postprocess-steps", "-1"), "--postprocess-steps must be at least 0"),
+    "prune-eval --detector-size 0": (_pe_opts("--detector-size", "0"), "must be positive"),
+    "prune-eval --thresholds 2": (_pe_opts("--thresholds", "2"), "--thresholds must lie in [0, 1]"),
+    "demo --device tpu": (lambda e, t: ["demo", "--device", "tpu", "--out", t / "out"], "unknown --device 'tpu'"),
+    "demo --device gpu0": (lambda e, t: ["demo", "--device", "gpu0", "--out", t / "out"], "unknown --device 'gpu0'"),
 }
 
 

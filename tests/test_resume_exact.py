@@ -6,6 +6,7 @@ and metric rows of the uninterrupted run. The mistake this catches: weights or m
 written before the training state, so a kill between them leaves the run one epoch
 ahead of its state and resume trains that epoch twice."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,71 @@ def test_cli_says_how_to_resume_after_ctrl_c_and_from_which_epoch(labels, tmp_pa
     code, _, err = run_cli("train", "--resume", "--out", out)
     assert code == 0, err
     assert f"Resuming {out} from epoch 3 of 3." in err
+
+
+# --------------------------------------------------------------------------- finetune
+def _ft(coco_synth, out, epochs=2):
+    from bavit_core.finetune.loop import FinetuneOptions
+
+    return FinetuneOptions(root=str(coco_synth), split="train2017", from_scratch=True, detector_config="nano",
+                           detector_size=(32, 32), epochs=epochs, batch_size=8, lr=2e-4, max_images=12,
+                           val_fraction=0.0, schedule="step", out=str(out))
+
+
+@pytest.fixture(scope="module")
+def ft_full(coco_synth, tmp_path_factory):
+    from bavit_core.finetune.loop import finetune
+
+    out = tmp_path_factory.mktemp("ft_full") / "det"
+    finetune(_ft(coco_synth, out))
+    return out
+
+
+def _same_detector(a, b):
+    for f in ("last/model.safetensors", "model.safetensors"):
+        x, y = read_state_dict(a / f), read_state_dict(b / f)
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), (f, k)
+    import json
+
+    rows = [[{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (a, b)]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("target,nth,when", [("state.pt", 2, "after"), ("state.pt", 2, "before"),
+                                              ("model.safetensors", 3, "after"), ("metrics.jsonl", 1, "before")])
+def test_finetune_resume_after_a_kill_at_the_save_equals_the_uninterrupted_run(coco_synth, ft_full, tmp_path,
+                                                                                monkeypatch, target, nth, when):
+    from bavit_core.finetune.loop import FinetuneOptions, finetune
+
+    out = tmp_path / "det"
+    real = os.replace
+    seen = []
+
+    def replace(src, dst):
+        if Path(dst).name == target and str(dst).startswith(str(out)):
+            seen.append(dst)
+            if len(seen) == nth:
+                if when == "after":
+                    real(src, dst)
+                raise Kill()
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    with pytest.raises(Kill):
+        finetune(_ft(coco_synth, out))
+    monkeypatch.setattr(fileio.os, "replace", real)
+    finetune(FinetuneOptions(epochs=None, out=str(out)), resume=True)
+    _same_detector(ft_full, out)
+
+
+def test_finetune_resume_longer_with_a_cosine_schedule_is_refused_and_says_why(coco_synth, tmp_path):
+    from bavit_core.finetune.loop import FinetuneOptions, finetune
+
+    o = _ft(coco_synth, tmp_path / "det", epochs=1)
+    o.schedule = "cosine"
+    finetune(o)
+    with pytest.raises(OptionError, match="cosine schedule spans its own 1 epochs"):
+        finetune(FinetuneOptions(epochs=2, out=str(tmp_path / "det")), resume=True)

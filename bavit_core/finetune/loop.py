@@ -266,7 +266,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
     params = [q for q in model.parameters() if q.requires_grad]
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    start_epoch, best, best_epoch, rows = 0, -1.0, -1, []
+    start_epoch, best, best_epoch, rows = 0, float("-inf"), -1, []  # score may be -loss (no val split)
     run = _FinetuneFiles(out)
     if resume:
         state = _load_state(out / STATE_FILE)

@@ -31,13 +31,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so the same clean-up runs (temp files removed)."""
 
 
-_resume_hints: list[str] = []
+_resume_hints: list[tuple[str, Callable[[], bool] | None]] = []
 
 
 @contextlib.contextmanager
-def resume_hint(command: str) -> Iterator[None]:
-    """While the block runs, an interrupt tells the user ``command`` resumes the work."""
-    _resume_hints.append(command)
+def resume_hint(command: str, available: Callable[[], bool] | None = None) -> Iterator[None]:
+    """While the block runs, an interrupt tells the user ``command`` resumes the work
+    (when ``available()`` says there is something to resume)."""
+    _resume_hints.append((command, available))
     try:
         yield
     except KeyboardInterrupt:
@@ -85,7 +86,11 @@ def cli_command(fn: Callable) -> Callable:
             fail(str(exc))
         except KeyboardInterrupt as exc:
             what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
-            hint = f" Resume with: {_resume_hints[-1]}" if _resume_hints else ""
+            hint = ""
+            if _resume_hints:
+                command, available = _resume_hints[-1]
+                if available is None or available():
+                    hint = f" Resume with: {command}"
             err_console.print(f"{what}; no output was left half-written.{hint}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=143 if isinstance(exc, Terminated) else 130)
         finally:

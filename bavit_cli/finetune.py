@@ -82,7 +82,8 @@ def finetune(
         if main:
             err_console.print(f"Resuming {out} from epoch {epoch} of {epochs}.", highlight=False, soft_wrap=True)
 
-    with resume_hint(f"bavit finetune --out {out} --resume"), progress_bar("finetune") as step:
+    resumable = lambda: (out / "state.pt").is_file()  # noqa: E731
+    with resume_hint(f"bavit finetune --out {out} --resume", resumable), progress_bar("finetune") as step:
         r = run_finetune(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch,
                          overwrite=overwrite, on_resume=on_resume)
     if main:

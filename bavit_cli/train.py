@@ -82,7 +82,8 @@ def train(
         if main:
             err_console.print(f"Resuming {out} from epoch {epoch} of {epochs}.", highlight=False, soft_wrap=True)
 
-    with resume_hint(f"bavit train --out {out} --resume"), progress_bar("train") as step:
+    resumable = lambda: (out / "state.pt").is_file()  # noqa: E731
+    with resume_hint(f"bavit train --out {out} --resume", resumable), progress_bar("train") as step:
         summary = train_bavit(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch,
                               on_stage=lambda s: err_console.print(s) if main and err_console.is_terminal else None,
                               overwrite=overwrite, force=force, on_resume=on_resume)

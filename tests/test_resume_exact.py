@@ -214,3 +214,15 @@ def test_finetune_resume_longer_with_a_cosine_schedule_is_refused_and_says_why(c
     finetune(o)
     with pytest.raises(OptionError, match="cosine schedule spans its own 1 epochs"):
         finetune(FinetuneOptions(epochs=2, out=str(tmp_path / "det")), resume=True)
+
+
+def test_ctrl_c_before_the_first_epoch_offers_no_resume_and_leaves_no_run(labels, tmp_path, monkeypatch):
+    import bavit_core.bavit.train as T
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "acc_loss", interrupt)
+    code, _, err = run_cli("train", "--labels", labels / "train2017.parquet", "--depth", "1", "--out", tmp_path / "run")
+    assert (code, err.strip()) == (130, "Interrupted; no output was left half-written.")
+    assert list(tmp_path.iterdir()) == []

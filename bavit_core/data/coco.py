@@ -105,7 +105,7 @@ def load_coco(
             skipped["annotation malformed"] += 1
             continue
         iid = ann.get("image_id")
-        if not _is_int(iid):
+        if type(iid) is not int:  # noqa: E721 (exact type: bool and float ids are malformed)
             skipped["annotation malformed"] += 1
             continue
         i = index.get(iid)
@@ -115,11 +115,12 @@ def load_coco(
         if i < 0:
             continue  # its image was skipped and counted already
         bbox = ann.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        if (type(bbox) is not list or len(bbox) != 4 or type(bbox[0]) not in _NUM or type(bbox[1]) not in _NUM
+                or type(bbox[2]) not in _NUM or type(bbox[3]) not in _NUM):
             skipped["annotation malformed"] += 1
             continue
         cat = ann.get("category_id", 0)
-        if not _is_int(cat):
+        if type(cat) is not int or not -MAX_ID <= cat <= MAX_ID:  # noqa: E721
             skipped["annotation with non-integer category_id"] += 1
             continue
         is_crowd = ann.get("iscrowd", 0)
@@ -138,8 +139,7 @@ def load_coco(
 
     boxes, box_img, cats, crowd, kept = _clean_boxes(raw_boxes, box_img, cats, crowd, widths, heights,
                                                      skipped, notes)
-    gt_annotations = _gt_annotations([raw_anns[k] for k in kept], [raw_boxes[k] for k in kept],
-                                     [ids[i] for i in box_img], cats, crowd)
+    gt_images = [ids[i] for i in box_img]
     categories = {}
     for c in doc.get("categories") or []:
         if isinstance(c, dict) and _is_int(c.get("id")):
@@ -166,17 +166,30 @@ def load_coco(
         notes=notes,
     )
     aset.mask_fn = _CocoMasks(segs, widths, heights)
-    aset.coco_gt = {
-        "images": [{"id": int(i), "file_name": f, "width": int(w), "height": int(h)}
-                   for i, f, w, h in zip(ids, names, widths, heights)],
-        "annotations": gt_annotations,
-        "categories": [{"id": k, "name": v} for k, v in categories.items()] or
-                      [{"id": c, "name": str(c)} for c in sorted(set(int(c) for c in cats))],
-    }
+    aset.coco_gt_fn = _CocoGroundTruth(ids, names, widths, heights, [raw_anns[k] for k in kept],
+                                       [raw_boxes[k] for k in kept], gt_images, cats, crowd, categories)
     return aset
 
 
+class _CocoGroundTruth:
+    """Builds ``AnnotationSet.coco_gt`` on first use (labelling never needs it)."""
+
+    def __init__(self, ids, names, widths, heights, anns, bboxes, gt_images, cats, crowd, categories):
+        self.args = (ids, names, widths, heights, anns, bboxes, gt_images, cats, crowd, categories)
+
+    def __call__(self) -> dict:
+        ids, names, widths, heights, anns, bboxes, gt_images, cats, crowd, categories = self.args
+        return {
+            "images": [{"id": int(i), "file_name": f, "width": int(w), "height": int(h)}
+                       for i, f, w, h in zip(ids, names, widths, heights)],
+            "annotations": _gt_annotations(anns, bboxes, gt_images, cats, crowd),
+            "categories": [{"id": k, "name": v} for k, v in categories.items()] or
+                          [{"id": c, "name": str(c)} for c in sorted(set(int(c) for c in cats))],
+        }
+
+
 MAX_ID = 2**63 - 1
+_NUM = frozenset({int, float})  # exact types: a bool or a string is not a coordinate
 MAX_SIDE = 1 << 16  # pixels: larger "images" are refused as absurd
 
 

@@ -63,6 +63,36 @@ def test_pretrained_weights_from_a_local_file_keep_first_blocks_and_resample_pos
         create_bavit(pretrained="no_such_vit")
 
 
+def test_local_pretrained_weights_use_their_own_normalisation(tmp_path):
+    """augreg ViT-tiny is trained with mean = std = 0.5: using ImageNet's would shift every
+    input. The normalisation comes from a config.json beside the file, the safetensors
+    metadata, or a timm tag in the file name; ImageNet's only when none says otherwise."""
+    import timm
+    from safetensors.torch import save_file
+
+    from bavit_core.bavit.model import IMAGENET_MEAN, IMAGENET_STD
+
+    sd = {k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict().items()}
+    tagged = tmp_path / "tag" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+    tagged.parent.mkdir()
+    save_file(sd, str(tagged))
+    m = create_bavit(depth=1, input_size=(32, 32), pretrained=str(tagged))
+    assert (m.cfg.mean, m.cfg.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    side = tmp_path / "side" / "weights.safetensors"
+    side.parent.mkdir()
+    save_file(sd, str(side))
+    (side.parent / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]}}))
+    m = create_bavit(depth=1, input_size=(32, 32), pretrained=str(side))
+    assert (m.cfg.mean, m.cfg.std) == ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+    meta = tmp_path / "meta.safetensors"
+    save_file(sd, str(meta), metadata={"mean": "[0.4, 0.4, 0.4]", "std": "[0.2, 0.2, 0.2]"})
+    assert create_bavit(depth=1, input_size=(32, 32), pretrained=str(meta)).cfg.mean == (0.4, 0.4, 0.4)
+    plain = tmp_path / "plain.safetensors"
+    save_file(sd, str(plain))
+    m = create_bavit(depth=1, input_size=(32, 32), pretrained=str(plain))
+    assert (m.cfg.mean, m.cfg.std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
 def test_timm_name_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BavitError, match="cannot (download|load) timm weights 'vit_tiny_patch16_384"):

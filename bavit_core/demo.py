@@ -95,7 +95,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
     train_bavit(TrainOptions(labels=str(out / "labels_train2017.parquet"), val_labels=str(out / "labels_val2017.parquet"),
                              depth=2, epochs=st["epochs"], batch_size=32, lr=1e-3, step_size=max(2, int(st["epochs"] * 0.7)),
                              seed=opts.seed, device=opts.device, out=str(run)),
-                on_step=prog("train"))
+                on_step=prog("train"), overwrite=True)  # the demo owns its folder: a re-run replaces its run
     best = max(read_metrics(run), key=lambda r: r["val_accuracy"])
     done("train", f"BAViT-small val token accuracy {best['val_accuracy']:.3f}, FG recall {best['val_recall']:.3f}", t)
 
@@ -113,7 +113,8 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
         finetune(FinetuneOptions(root=str(data), split="train2017", val_split="val2017", from_scratch=True,
                                  detector_config="micro", num_detection_tokens=10, dense_aux=1.0,
                                  detector_size=(DETECTOR_SIZE, DETECTOR_SIZE), epochs=st["det_epochs"], batch_size=8,
-                                 lr=4e-4, seed=opts.seed, device=opts.device, out=str(det)), on_step=prog("detector"))
+                                 lr=4e-4, seed=opts.seed, device=opts.device, out=str(det)), on_step=prog("detector"),
+                 overwrite=True)
         done("detector", f"trained from scratch in {det}", t)
     else:
         det = shipped_detector()

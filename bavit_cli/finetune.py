@@ -7,11 +7,7 @@ from typing import Optional
 
 import typer
 
-from bavit_core.data.grid import parse_size
-from bavit_core.finetune.loop import FinetuneOptions
-from bavit_core.finetune.loop import finetune as run_finetune
-
-from .common import cli_command, console, progress_bar
+from .common import cli_command, console, err_console, progress_bar, resume_hint
 
 
 @cli_command
@@ -50,6 +46,7 @@ def finetune(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("detectors/yolos-F"), "--out", help="Output directory (HF layout)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused otherwise)."),
 ) -> None:
     """Train YOLOS on FG tokens only (sparse fine-tuning), or a small YOLOS from scratch.
 
@@ -58,6 +55,10 @@ def finetune(
         bavit finetune --detector hustvl/yolos-tiny --root coco --split train2017 --selector oracle --labels train.parquet --epochs 30 --out detectors/yolos-tiny-F
         bavit finetune --from-scratch --detector-config micro --dense-aux 1.0 --root data/det --split train2017 --detector-size 128 --out detectors/det
     """
+    from bavit_core.data.grid import parse_size
+    from bavit_core.finetune.loop import FinetuneOptions
+    from bavit_core.finetune.loop import finetune as run_finetune
+
     opts = FinetuneOptions(
         dataset=dataset, root=str(root) if root else None, split=split, ann=str(ann) if ann else None,
         images=str(images) if images else None, val_split=val_split, val_labels=str(val_labels) if val_labels else None,
@@ -77,8 +78,15 @@ def finetune(
                           f"L1 {row['train_loss_bbox']:.3f} giou {row['train_loss_giou']:.3f}){v}  "
                           f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}", highlight=False)
 
-    with progress_bar("finetune", unit="steps", epochs=opts.epochs) as step:
-        r = run_finetune(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch)
+    def on_resume(epoch: int, epochs: int) -> None:
+        if main:
+            err_console.print(f"Resuming {out} from epoch {epoch} of {epochs}.", highlight=False, soft_wrap=True)
+
+    resumable = lambda: (out / "state.pt").is_file()  # noqa: E731
+    with resume_hint(f"bavit finetune --out {out} --resume", resumable), \
+            progress_bar("finetune", unit="steps", epochs=opts.epochs) as step:
+        r = run_finetune(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch,
+                         overwrite=overwrite, on_resume=on_resume)
     if main:
         sp = "" if r["train_sparsity"] is None else f", training sparsity {r['train_sparsity']:.3f}"
         console.print(f"Trained {r['epochs']} epochs on {r['train_images']} images ({r['val_images']} val){sp}. "

@@ -6,10 +6,6 @@ from typing import Optional
 
 import typer
 
-from bavit_core.data import open_dataset
-from bavit_core.data.grid import GridSpec, parse_size
-from bavit_core.labels import LabelOptions, label_dataset
-
 from .common import cli_command, console, kv_table, print_table, progress_bar
 
 
@@ -40,10 +36,21 @@ def label(
     Example:
         bavit label --dataset coco --root data/shapes --split val2017 --source masks --out labels.parquet
     """
+    from bavit_core.data import open_dataset
+    from bavit_core.data.grid import GridSpec, parse_size
+    from bavit_core.labels import LabelOptions, label_dataset
+    from bavit_core.runtime.errors import OptionError
+    from bavit_core.runtime.fileio import refuse_output_over_inputs
+
     ih, iw = parse_size(input_size)
     opts = LabelOptions(source=source, criterion=criterion, tau=tau, mask_threshold=mask_threshold,
                         grid=GridSpec(ih, iw, patch_size), crowd=crowd, difficult=difficult, void=void)
     opts.validate()
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    if voc_mask not in ("object", "class"):
+        raise OptionError(f"unknown --voc-mask {voc_mask!r}; choose object or class")
+    refuse_output_over_inputs(out, [ann, images, root])
     aset = open_dataset(dataset, root=root, split=split, ann=ann, images=images,
                         need_masks=(source == "masks"), check_images=check_images, void=void, voc_mask=voc_mask)
     with progress_bar(f"label ({source})", aset.n_images) as progress:

@@ -6,8 +6,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from bavit_core.bavit.predict import postprocess_predictions
-
 from .common import cli_command, console, print_table
 
 
@@ -25,6 +23,8 @@ def postprocess(
     Example:
         bavit postprocess --pred preds.parquet --steps 3 --out refined.parquet
     """
+    from bavit_core.bavit.predict import postprocess_predictions
+
     r = postprocess_predictions(pred, out, steps, kernel, min_fg)
     hist = r["history"]
     t = Table(title=f"bavit postprocess ({r['images']} images)", title_justify="left")

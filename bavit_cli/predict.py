@@ -6,10 +6,6 @@ from typing import Optional
 
 import typer
 
-from bavit_core.bavit.predict import predict as run_predict
-
-from bavit_core.runtime.launch import is_main_process
-
 from .common import cli_command, console, kv_table, print_table, progress_bar
 
 
@@ -30,6 +26,9 @@ def predict(
         bavit predict --model runs/bavit-small --labels val.parquet --out preds.parquet
     Scale out:  torchrun --nproc_per_node 2 -m bavit_cli predict --model runs/bavit-small ...
     """
+    from bavit_core.bavit.predict import predict as run_predict
+    from bavit_core.runtime.launch import is_main_process
+
     main = is_main_process()
     with progress_bar("predict") as progress:
         r = run_predict(model, out, labels, images, threshold, batch_size, device, progress)

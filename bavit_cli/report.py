@@ -6,9 +6,6 @@ from typing import List, Optional
 
 import typer
 
-from bavit_core.report.build import ReportInputs, build_report
-from bavit_core.runtime.errors import OptionError
-
 from .common import cli_command, console
 
 
@@ -30,6 +27,9 @@ def report(
     Example:
         bavit report --results results/ --train-run runs/bavit-small --pred preds.parquet --refined refined.parquet --out report/
     """
+    from bavit_core.report.build import ReportInputs, build_report
+    from bavit_core.runtime.errors import OptionError
+
     if not (results or train_run or pred):
         raise OptionError("nothing to report: give --results, --train-run or --pred")
     if finetuned_results and not results:

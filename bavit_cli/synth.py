@@ -5,9 +5,6 @@ from pathlib import Path
 
 import typer
 
-from bavit_core.data.grid import parse_size
-from bavit_core.data.synthetic import synth_dataset
-
 from .common import cli_command, console, kv_table, print_table, progress_bar
 
 
@@ -30,6 +27,9 @@ def synth(
         bavit synth --out data/shapes --images 200 --format coco --seed 0
         bavit synth --out data/det --images 8200 --scenes simple --seed 1
     """
+    from bavit_core.data.grid import parse_size
+    from bavit_core.data.synthetic import synth_dataset
+
     hw = parse_size(size)
     with progress_bar("synth", images) as progress:
         s = synth_dataset(out, images, fmt, seed, hw, val_fraction, progress, scenes)

@@ -7,9 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from bavit_core.bavit.train import TrainOptions, train_bavit
-
-from .common import cli_command, console, err_console, progress_bar
+from .common import cli_command, console, err_console, progress_bar, resume_hint
 
 
 def _is_main() -> bool:
@@ -43,6 +41,8 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("runs/bavit"), "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused otherwise)."),
+    force: bool = typer.Option(False, "--force", help="With --resume: continue even though the labels file changed."),
 ) -> None:
     """Train BAViT (per-token FG/BG ViT) with Accumulative Cross Entropy.
 
@@ -51,6 +51,8 @@ def train(
         bavit train --labels train.parquet --val-labels val.parquet --depth 2 --epochs 30 --out runs/bavit-small
     Scale out:  torchrun --nproc_per_node 2 -m bavit_cli train --labels train.parquet ...
     """
+    from bavit_core.bavit.train import TrainOptions, train_bavit
+
     if labels is None and not resume:
         raise typer.BadParameter("--labels is required (unless --resume)")
     opts = TrainOptions(
@@ -76,9 +78,16 @@ def train(
             f"val IoU {v('val_iou')}  {row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}",
             highlight=False)
 
-    with progress_bar("train", unit="steps", epochs=opts.epochs) as step:
+    def on_resume(epoch: int, epochs: int) -> None:
+        if main:
+            err_console.print(f"Resuming {out} from epoch {epoch} of {epochs}.", highlight=False, soft_wrap=True)
+
+    resumable = lambda: (out / "state.pt").is_file()  # noqa: E731
+    with resume_hint(f"bavit train --out {out} --resume", resumable), \
+            progress_bar("train", unit="steps", epochs=opts.epochs) as step:
         summary = train_bavit(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch,
-                              on_stage=lambda s: err_console.print(s) if main and err_console.is_terminal else None)
+                              on_stage=lambda s: err_console.print(s) if main and err_console.is_terminal else None,
+                              overwrite=overwrite, force=force, on_resume=on_resume)
     if main:
         init = f"pretrained from {summary['pretrained']}" if summary["pretrained"] else "random init (no --pretrained)"
         console.print(f"Trained {summary['epochs']} epochs on {summary['train_images']} images "

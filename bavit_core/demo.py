@@ -103,7 +103,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
     train_bavit(TrainOptions(labels=str(out / "labels_train2017.parquet"), val_labels=str(out / "labels_val2017.parquet"),
                              depth=2, epochs=st["epochs"], batch_size=32, lr=1e-3, step_size=max(2, int(st["epochs"] * 0.7)),
                              seed=opts.seed, device=opts.device, out=str(run)),
-                on_step=_per_run(prog("train"), st["epochs"]))
+                on_step=_per_run(prog("train"), st["epochs"]), overwrite=True)  # the demo owns its folder
     best = max(read_metrics(run), key=lambda r: r["val_accuracy"])
     done("train", f"BAViT-small val token accuracy {best['val_accuracy']:.3f}, FG recall {best['val_recall']:.3f}", t)
 
@@ -122,7 +122,8 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
         finetune(FinetuneOptions(root=str(data), split="train2017", val_split="val2017", from_scratch=True,
                                  detector_config="micro", num_detection_tokens=10, dense_aux=1.0,
                                  detector_size=(DETECTOR_SIZE, DETECTOR_SIZE), epochs=st["det_epochs"], batch_size=8,
-                                 lr=4e-4, seed=opts.seed, device=opts.device, out=str(det)), on_step=prog("detector"))
+                                 lr=4e-4, seed=opts.seed, device=opts.device, out=str(det)), on_step=prog("detector"),
+                 overwrite=True)
         done("detector", f"trained from scratch in {det}", t)
     else:
         prog("detector")
@@ -154,7 +155,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
                              selector="bavit", model=str(run), threshold=float(thr),
                              detector_size=detector_input_size(det), epochs=st["f_epochs"], batch_size=8, lr=1e-4,
                              warmup_epochs=0.5, seed=opts.seed, device=opts.device, out=str(f_det)),
-             on_step=_per_run(prog("finetune"), st["f_epochs"]))
+             on_step=_per_run(prog("finetune"), st["f_epochs"]), overwrite=True)
     fres = prune_eval(PruneEvalOptions(detector=str(f_det), sparsities=[OPERATING_POINT], selectors=["bavit"],
                                        timing_images=0, out=str(out / "results_yolos_f"), **common))
     frow = fres["rows"][0]

@@ -63,6 +63,36 @@ def test_pretrained_weights_from_a_local_file_keep_first_blocks_and_resample_pos
         create_bavit(pretrained="no_such_vit")
 
 
+def test_local_pretrained_weights_use_their_own_normalisation(tmp_path):
+    """augreg ViT-tiny is trained with mean = std = 0.5: using ImageNet's would shift every
+    input. The normalisation comes from a config.json beside the file, the safetensors
+    metadata, or a timm tag in the file name; ImageNet's only when none says otherwise."""
+    import timm
+    from safetensors.torch import save_file
+
+    from bavit_core.bavit.model import IMAGENET_MEAN, IMAGENET_STD
+
+    sd = {k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict().items()}
+    tagged = tmp_path / "tag" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+    tagged.parent.mkdir()
+    save_file(sd, str(tagged))
+    m = create_bavit(depth=1, input_size=(32, 32), pretrained=str(tagged))
+    assert (m.cfg.mean, m.cfg.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    side = tmp_path / "side" / "weights.safetensors"
+    side.parent.mkdir()
+    save_file(sd, str(side))
+    (side.parent / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]}}))
+    m = create_bavit(depth=1, input_size=(32, 32), pretrained=str(side))
+    assert (m.cfg.mean, m.cfg.std) == ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+    meta = tmp_path / "meta.safetensors"
+    save_file(sd, str(meta), metadata={"mean": "[0.4, 0.4, 0.4]", "std": "[0.2, 0.2, 0.2]"})
+    assert create_bavit(depth=1, input_size=(32, 32), pretrained=str(meta)).cfg.mean == (0.4, 0.4, 0.4)
+    plain = tmp_path / "plain.safetensors"
+    save_file(sd, str(plain))
+    m = create_bavit(depth=1, input_size=(32, 32), pretrained=str(plain))
+    assert (m.cfg.mean, m.cfg.std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
 def test_timm_name_without_network_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BavitError, match="cannot (download|load) timm weights 'vit_tiny_patch16_384"):
@@ -116,9 +146,13 @@ def test_nan_loss_stops_with_a_message(small_labels, tmp_path, monkeypatch):
 
 def test_train_cli_errors(small_labels, tmp_path):
     code, _, err = run_cli("train", "--resume", "--out", tmp_path / "none")
+    assert (code, err.strip()) == (1, f"Error: {tmp_path / 'none'}: cannot resume: run directory not found")
+    (tmp_path / "none").mkdir()
+    code, _, err = run_cli("train", "--resume", "--out", tmp_path / "none")
     assert (code, err.strip()) == (1, f"Error: {tmp_path / 'none'}: cannot resume: not a bavit run directory (config.json missing)")
     code, _, err = run_cli("train", "--labels", small_labels / "train2017.parquet", "--epochs", "0", "--out", tmp_path / "r")
-    assert (code, err.strip()) == (1, "Error: --epochs must be at least 1")
+    assert (code, err.strip()) == (1, "Error: --epochs must be at least 1, got 0")
+    assert not (tmp_path / "r").exists()
 
 
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(small_labels, tmp_path):

@@ -103,9 +103,13 @@ def _pretrained_state(name: str):
     if p.suffix in (".safetensors", ".pth", ".pt", ".bin") or p.exists():
         if not p.is_file():
             raise InputFileError(p, "pretrained weights file not found")
-        return read_state_dict(p), IMAGENET_MEAN, IMAGENET_STD
+        mean, std = weights_normalisation(p)
+        return read_state_dict(p), mean, std
     import timm
 
+    if not timm.is_model(name):
+        raise OptionError(f"unknown timm model {name!r} (and no such local weights file)")
+    _require_hub_reachable(name)
     try:
         m = timm.create_model(name, pretrained=True, num_classes=0)
     except RuntimeError as exc:
@@ -119,6 +123,85 @@ def _pretrained_state(name: str):
         ) from None
     dc = m.pretrained_cfg
     return m.state_dict(), tuple(dc.get("mean", IMAGENET_MEAN)), tuple(dc.get("std", IMAGENET_STD))
+
+
+def _norm(v) -> tuple | None:
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            return None
+    if isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v):
+        return tuple(float(x) for x in v)
+    return None
+
+
+def weights_normalisation(path: Path) -> tuple[tuple, tuple]:
+    """The input mean/std a local weights file was trained with, from (in order) a timm/HF
+    ``config.json`` beside it (``pretrained_cfg`` mean/std), the safetensors metadata
+    (``mean``/``std``), or a timm pretrained tag in its file name
+    (``vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors`` → mean = std = 0.5); ImageNet's
+    otherwise."""
+    side = path.parent / "config.json"
+    if side.is_file():
+        try:
+            doc = json.loads(side.read_text())
+            pc = doc.get("pretrained_cfg", doc) if isinstance(doc, dict) else {}
+            mean, std = _norm(pc.get("mean")), _norm(pc.get("std"))
+            if mean and std:
+                return mean, std
+        except (ValueError, OSError, AttributeError):
+            pass
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                md = f.metadata() or {}
+            mean, std = _norm(md.get("mean")), _norm(md.get("std"))
+            if mean and std:
+                return mean, std
+        except Exception:  # unreadable files are reported by read_state_dict
+            pass
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    try:
+        from timm.models import get_pretrained_cfg
+
+        pc = get_pretrained_cfg(stem) if "." in stem else None
+        if pc is not None and pc.mean and pc.std:
+            return tuple(pc.mean), tuple(pc.std)
+    except Exception:
+        pass
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _require_hub_reachable(name: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after a minute of hub retries, when timm weights are neither
+    cached nor downloadable."""
+    import os
+    import socket
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+
+        pc = get_pretrained_cfg(name)
+        repo = getattr(pc, "hf_hub_id", None)
+        if repo:
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                hit = try_to_load_from_cache(repo, fname)
+                if isinstance(hit, str):
+                    return
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise BavitError(f"cannot download timm weights {name!r}: not cached and HF_HUB_OFFLINE is set; "
+                         "pass a local weights file to --pretrained instead")
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        raise BavitError(f"cannot download timm weights {name!r}: huggingface.co is unreachable (no network?); "
+                         "pass a local weights file to --pretrained instead") from None
 
 
 def read_state_dict(path: Path) -> dict:

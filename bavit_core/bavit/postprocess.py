@@ -36,12 +36,19 @@ def refine_step(grids: np.ndarray, kernel: str = "8", min_fg: int = 2) -> np.nda
     return g | (neighbour_sum(g, kernel) > min_fg)
 
 
+def check_options(steps: int, kernel: str, min_fg: int) -> None:
+    """Validate the clean-up options (before any file is read or written)."""
+    if steps < 0:
+        raise OptionError(f"--steps must be >= 0, got {steps}")
+    if kernel not in KERNELS:
+        raise OptionError(f"unknown --kernel {kernel!r}; choose 8 or 4")
+    if not 0 <= min_fg < len(KERNELS[kernel]):
+        raise OptionError(f"--min-fg must be in [0, {len(KERNELS[kernel]) - 1}], got {min_fg}")
+
+
 def refine(grids: np.ndarray, steps: int = 3, kernel: str = "8", min_fg: int = 2) -> np.ndarray:
     """Apply ``steps`` clean-up steps to (N, gh, gw) or (gh, gw) boolean grids."""
-    if steps < 0:
-        raise OptionError("--steps must be >= 0")
-    if not 0 <= min_fg < len(KERNELS.get(kernel, KERNELS["8"])):
-        raise OptionError(f"--min-fg must be in [0, {len(KERNELS.get(kernel, KERNELS['8'])) - 1}]")
+    check_options(steps, kernel, min_fg)
     g = np.asarray(grids, dtype=bool)
     single = g.ndim == 2
     if single:
@@ -54,6 +61,7 @@ def refine(grids: np.ndarray, steps: int = 3, kernel: str = "8", min_fg: int = 2
 def refine_with_history(grids, gt=None, steps=3, kernel="8", min_fg=2):
     """Refined grids and one row per step (0 = before) of sparsity and, with GT,
     accuracy, FG recall and BG kept (share of GT-BG tokens still predicted BG)."""
+    check_options(steps, kernel, min_fg)
     g = np.asarray(grids, dtype=bool)
     history = []
     for step in range(steps + 1):

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..data.images import list_images, load_image_sized, resolve_paths
 from ..labels import META_KEY, fixed_list_to_numpy, read_labels, read_parquet_table
+from ..labels.labelfile import grid_shape_of, require_columns
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist
 from ..runtime.errors import InputFileError, OptionError
-from ..runtime.fileio import atomic_path, sha256_file
+from ..runtime.fileio import atomic_path, refuse_output_over_inputs, sha256_file
 from .inference import fg_from_probs, infer_probs
 from .metrics import grid_metrics
 from .model import load_bavit
@@ -53,6 +54,12 @@ def predict(
     """Run BAViT on the images of a labels file (GT kept) or on every image of a folder."""
     if not 0.0 <= threshold <= 1.0:
         raise OptionError(f"--threshold must be in [0, 1], got {threshold}")
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
+    model_dir = Path(model_dir).resolve()
+    labels = Path(labels).resolve() if labels is not None else None
+    refuse_output_over_inputs(out, [labels, model_dir / "config.json", model_dir / "model.safetensors",
+                                     model_dir / "last.safetensors", model_dir])
     dev = Dist.local_device(resolve_device(device))
     model = load_bavit(model_dir, device=dev)
     cfg = model.cfg
@@ -144,6 +151,8 @@ def write_predictions(out, ids, names, widths, heights, probs, grids, gt, meta) 
         "height": pa.array(np.asarray(heights, dtype=np.int32)),
         "probs": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(probs, np.float32).reshape(-1)), m),
         "fg": pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(grids, bool).reshape(-1)), m),
+        "grid_h": pa.array(np.full(n, gh, dtype=np.int16)),
+        "grid_w": pa.array(np.full(n, gw, dtype=np.int16)),
     }
     if gt is not None:
         cols["gt"] = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(gt, bool).reshape(-1)), m)
@@ -157,7 +166,15 @@ def read_predictions(path) -> Predictions:
     table, meta = read_parquet_table(path, "predictions")
     if not str(meta.get("format", "")).startswith("bavit-preds/"):
         raise InputFileError(path, f"not a predictions file (format {meta.get('format')!r})")
-    gh, gw = meta["grid_shape"]
+    gh, gw = grid_shape_of(path, meta)
+    require_columns(path, table, ("image_id", "file_name", "width", "height", "probs", "fg"))
+    try:
+        return _predictions(table, meta, gh, gw)
+    except (ValueError, TypeError, KeyError, pa.ArrowException) as exc:
+        raise InputFileError(path, f"damaged predictions file ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _predictions(table, meta, gh, gw) -> Predictions:
     gt = fixed_list_to_numpy(table["gt"], (gh, gw), bool) if "gt" in table.column_names else None
     return Predictions(
         image_ids=table["image_id"].to_numpy(),
@@ -173,8 +190,10 @@ def read_predictions(path) -> Predictions:
 
 def postprocess_predictions(pred_path, out, steps: int = 3, kernel: str = "8", min_fg: int = 2) -> dict:
     """Refine a predictions file's FG grids; store before/after metrics in its metadata."""
-    from .postprocess import refine_with_history
+    from .postprocess import check_options, refine_with_history
 
+    check_options(steps, kernel, min_fg)
+    refuse_output_over_inputs(out, [pred_path])
     p = read_predictions(pred_path)
     t0 = time.perf_counter()
     grids, history = refine_with_history(p.grids, p.gt, steps, kernel, min_fg)

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from .. import __version__
 from ..data.images import load_images, resolve_paths, to_input
 from ..labels import Labels, read_labels
-from ..runtime.devices import resolve_device
+from ..runtime.devices import check_device_name, resolve_device
 from ..runtime.distributed import Dist, epoch_order
 from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
-from ..runtime.fileio import atomic_path, atomic_write_text
+from ..runtime.fileio import atomic_path, atomic_write_text, refuse_output_over_inputs, sha256_file
 from .metrics import token_metrics
 from .model import CONFIG_FILE, LAST_FILE, MODEL_FILE, BAViT, ModelConfig, create_bavit, read_state_dict, save_weights
 
@@ -58,18 +58,32 @@ class TrainOptions:
     out: str = "runs/bavit"
 
     def validate(self) -> None:
+        """Check every option before any work (no file is read or written here)."""
         if self.epochs is None or self.epochs < 1:
-            raise OptionError("--epochs must be at least 1")
+            raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise OptionError("--batch-size must be at least 1")
-        if not self.lr > 0:
-            raise OptionError("--lr must be positive")
+            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise OptionError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise OptionError("--val-fraction must be in [0, 1)")
-        if self.fg_weight <= 0:
-            raise OptionError("--fg-weight must be positive")
+            raise OptionError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not (self.fg_weight > 0 and math.isfinite(self.fg_weight)):
+            raise OptionError(f"--fg-weight must be a positive number, got {self.fg_weight}")
         if self.step_size < 1:
-            raise OptionError("--step-size must be at least 1")
+            raise OptionError(f"--step-size must be at least 1, got {self.step_size}")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise OptionError(f"--gamma must be a positive number, got {self.gamma}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise OptionError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (self.clip_grad >= 0 and math.isfinite(self.clip_grad)):
+            raise OptionError(f"--clip-grad must be >= 0 (0 = off), got {self.clip_grad}")
+        if self.label_threshold is not None and not 0.0 <= self.label_threshold <= 1.0:
+            raise OptionError(f"--label-threshold must be in [0, 1], got {self.label_threshold}")
+        if not 1 <= self.depth <= 64:
+            raise OptionError(f"--depth must be in [1, 64], got {self.depth}")
+        if self.workers < 0:
+            raise OptionError(f"--workers must be >= 0 (0 = automatic), got {self.workers}")
+        check_device_name(self.device)
 
 
 @dataclass
@@ -163,11 +177,61 @@ def evaluate(model, split: Split, cfg: ModelConfig, batch_size: int, device, dis
 
 def _resume_state(out: Path):
     cfg_path = out / CONFIG_FILE
+    if not out.is_dir():
+        raise InputFileError(out, "cannot resume: run directory not found")
     if not cfg_path.is_file():
         raise InputFileError(out, "cannot resume: not a bavit run directory (config.json missing)")
-    if not (out / STATE_FILE).is_file() or not (out / LAST_FILE).is_file():
-        raise InputFileError(out, "cannot resume: the run has no completed epoch yet")
-    return json.loads(cfg_path.read_text())
+    if not (out / STATE_FILE).is_file():
+        raise InputFileError(out, "cannot resume: the run has no completed epoch yet (start again with --overwrite)")
+    try:
+        doc = json.loads(cfg_path.read_text())
+        TrainOptions(**doc["train"])
+        ModelConfig.from_dict(doc["model"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise InputFileError(cfg_path, f"unreadable run config ({type(exc).__name__})") from None
+    return doc
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or a pickle that is not plain weights
+        raise InputFileError(path, f"unreadable training state ({type(exc).__name__}); "
+                             "resume is impossible, start again with --overwrite") from None
+    need = ("epoch", "best", "optimizer", "scheduler", "model", "rows")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        raise InputFileError(path, "training state without epoch/optimizer/model (written by an older bavit?); "
+                             "start again with --overwrite")
+    return state
+
+
+def _input_paths(opts: TrainOptions) -> TrainOptions:
+    """Input paths resolved absolute (a resumed run must find them from any directory)."""
+    for k in ("labels", "images", "val_labels", "val_images"):
+        v = getattr(opts, k)
+        if v:
+            setattr(opts, k, str(Path(v).expanduser().resolve()))
+    if opts.pretrained and Path(opts.pretrained).expanduser().exists():
+        opts.pretrained = str(Path(opts.pretrained).expanduser().resolve())
+    return opts
+
+
+def _input_hashes(opts: TrainOptions) -> dict:
+    return {k: sha256_file(getattr(opts, k)) for k in ("labels", "val_labels")
+            if getattr(opts, k) and Path(getattr(opts, k)).is_file()}
+
+
+def _check_inputs_unchanged(out: Path, doc: dict, opts: TrainOptions, force: bool) -> None:
+    saved = doc.get("inputs_sha256") or {}
+    for k, h in saved.items():
+        path = getattr(opts, k, None)
+        if not path:
+            continue
+        if not Path(path).is_file():
+            raise InputFileError(path, f"cannot resume {out}: its --{k.replace('_', '-')} file is gone")
+        if sha256_file(path) != h and not force:
+            raise InputFileError(path, f"changed since {out} started (sha256 differs); resuming would mix two "
+                                 "datasets: pass --force to resume anyway, or --overwrite to start again")
 
 
 def train_bavit(
@@ -176,26 +240,47 @@ def train_bavit(
     on_step: Callable[[int, int], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    on_resume: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Train (or resume) a BAViT run in ``opts.out``; returns the final summary."""
+    """Train (or resume) a BAViT run in ``opts.out``; returns the final summary.
+
+    A fresh run refuses an ``out`` that already holds files unless ``overwrite``; a resumed
+    run refuses labels whose hash changed unless ``force``. ``on_resume(epoch, epochs)``
+    is told the (1-based) epoch training continues from."""
     out = Path(opts.out)
+    if resume and overwrite:
+        raise OptionError("--resume and --overwrite contradict each other; choose one")
     if resume:
+        opts.validate() if opts.epochs is not None else check_device_name(opts.device)
         doc = _resume_state(out)
         saved = TrainOptions(**doc["train"])
         if opts.epochs is not None:  # a resumed run may be extended
             saved.epochs = opts.epochs
         saved.out, saved.device, saved.workers = str(out), opts.device, opts.workers
         opts = saved
-    opts.validate()
+        opts.validate()
+        _check_inputs_unchanged(out, doc, opts, force)
+    else:
+        opts.validate()
+        opts = _input_paths(opts)
+        refuse_output_over_inputs(out, [opts.labels, opts.val_labels, opts.images, opts.val_images,
+                                        opts.pretrained], is_dir=True)
+        if out.exists() and not out.is_dir():
+            raise InputFileError(out, "is a file, expected a run directory path")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise OptionError(f"{out} already holds files (a previous run?); pass --resume to continue it "
+                              "or --overwrite to replace it")
     device = Dist.local_device(resolve_device(opts.device))
     dist = Dist(device)
     try:
-        return _train(opts, resume, device, dist, on_step, on_epoch, on_stage)
+        return _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume)
     finally:
         dist.close()
 
 
-def _train(opts, resume, device, dist, on_step, on_epoch, on_stage):
+def _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume=None):
     out = Path(opts.out)
     lab_meta = read_labels(opts.labels).meta
     g = lab_meta["options"]["grid"]
@@ -234,20 +319,30 @@ def _train(opts, resume, device, dist, on_step, on_epoch, on_stage):
     optim = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(optim, step_size=opts.step_size, gamma=opts.gamma)
     amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    start_epoch, best = 0, -1.0
+    start_epoch, best, best_epoch = 0, -1.0, -1
     rows: list[dict] = []
+    run = _RunFiles(out, dist.main)
     if resume:
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(read_state_dict(out / LAST_FILE))
-        optim.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = _load_state(out / STATE_FILE)
+        try:
+            model.load_state_dict(state["model"])
+            optim.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise InputFileError(out / STATE_FILE, f"training state does not fit this run ({type(exc).__name__})") from None
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
         start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
-        rows = [r for r in _read_rows(out) if r["epoch"] < start_epoch]
-    elif dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_config(out, opts, cfg, lab_meta, info, len(train_split.grids),
-                      0 if val_split is None else len(val_split.grids), dist.world)
-        _write_rows(out, [])
+        best_epoch = int(state.get("best_epoch", -1))
+        rows = list(state["rows"])
+        if dist.main:
+            run.restore(model, rows, start_epoch - 1, best_epoch)
+        if on_resume:
+            on_resume(start_epoch + 1, opts.epochs)
+    else:
+        run.config = lambda: _write_config(out, opts, cfg, lab_meta, info, len(train_split.grids),
+                                           0 if val_split is None else len(val_split.grids), dist.world,
+                                           _input_hashes(opts))
     dist.barrier()
 
     for epoch in range(start_epoch, opts.epochs):
@@ -288,15 +383,10 @@ def _train(opts, resume, device, dist, on_step, on_epoch, on_stage):
         if dist.main:
             improved = score > best
             if improved:
-                best = score
-                save_weights(model, out / MODEL_FILE, {"epoch": epoch, "score": score})
+                best, best_epoch = score, epoch
             row["best"] = improved
-            save_weights(model, out / LAST_FILE, {"epoch": epoch})
             rows.append(row)
-            _write_rows(out, rows)
-            with atomic_path(out / STATE_FILE) as tmp:
-                torch.save({"epoch": epoch, "best": best, "optimizer": optim.state_dict(),
-                            "scheduler": sched.state_dict()}, tmp)
+            run.commit(model, optim, sched, epoch, best, best_epoch, rows)
         dist.barrier()
         if on_epoch:
             on_epoch(row)
@@ -305,7 +395,46 @@ def _train(opts, resume, device, dist, on_step, on_epoch, on_stage):
             "pretrained": cfg.pretrained, "world_size": dist.world}
 
 
-def _write_config(out, opts, cfg, lab_meta, info, n_train, n_val, world):
+class _RunFiles:
+    """The run directory's files, written so that a kill anywhere leaves a resumable run.
+
+    ``state.pt`` is the commit point: it holds everything resume needs (last weights,
+    optimizer, scheduler, RNG, metric rows, best epoch) and is written first, atomically.
+    ``last.safetensors``, ``model.safetensors`` (best) and ``metrics.jsonl`` are derived
+    from it afterwards; a resume rewrites them from the state, so whether a kill lands
+    before, inside or after any of these writes, the resumed run equals the uninterrupted
+    one bitwise. A fresh run creates its directory (and config.json) at its first commit:
+    a run that fails before its first epoch leaves nothing behind.
+    """
+
+    def __init__(self, out: Path, main: bool):
+        self.out, self.main, self.config = out, main, None
+
+    def commit(self, model, optim, sched, epoch, best, best_epoch, rows):
+        out = self.out
+        if self.config is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            for f in (STATE_FILE, MODEL_FILE, LAST_FILE, METRICS_FILE, CONFIG_FILE):  # --overwrite
+                (out / f).unlink(missing_ok=True)
+            self.config()
+            self.config = None
+        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        with atomic_path(out / STATE_FILE) as tmp:
+            torch.save({"epoch": epoch, "best": best, "best_epoch": best_epoch, "optimizer": optim.state_dict(),
+                        "scheduler": sched.state_dict(), "model": sd, "rows": rows,
+                        "torch_rng": torch.get_rng_state()}, tmp)
+        self.restore(model, rows, epoch, best_epoch)
+
+    def restore(self, model, rows, epoch, best_epoch):
+        """(Re)write the files derived from the state of ``epoch``."""
+        if best_epoch == epoch:
+            save_weights(model, self.out / MODEL_FILE, {"epoch": epoch, "score": rows[-1].get(
+                "val_accuracy", rows[-1].get("train_accuracy"))})
+        save_weights(model, self.out / LAST_FILE, {"epoch": epoch})
+        _write_rows(self.out, rows)
+
+
+def _write_config(out, opts, cfg, lab_meta, info, n_train, n_val, world, hashes=None):
     doc = {
         "bavit_version": __version__,
         "torch_version": torch.__version__,
@@ -316,6 +445,7 @@ def _write_config(out, opts, cfg, lab_meta, info, n_train, n_val, world):
                                                     "source_sha256", "images_dir")},
         "data": {"train_images": n_train, "val_images": n_val, "missing_images": info["missing_images"],
                  "world_size": world},
+        "inputs_sha256": hashes or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write_text(out / CONFIG_FILE, json.dumps(doc, indent=2, default=str))

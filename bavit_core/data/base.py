@@ -38,6 +38,20 @@ class AnnotationSet:
     skipped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
     mask_fn: Callable[[int], tuple | None] | None = None
+    #: COCO only: builds the validated ground truth (see :attr:`coco_gt`) on first use.
+    coco_gt_fn: Callable[[], dict] | None = None
+
+    @property
+    def coco_gt(self) -> dict | None:
+        """COCO only: the validated ground truth as a COCO dict (images, annotations with
+        finite, positive-size boxes and integer ids, categories) for COCOeval, so prune-eval
+        and finetune evaluate against exactly what the loader accepted, never the raw JSON."""
+        if self.coco_gt_fn is None:
+            return None
+        cached = self.__dict__.get("_coco_gt")
+        if cached is None:
+            cached = self.__dict__["_coco_gt"] = self.coco_gt_fn()
+        return cached
 
     @property
     def n_images(self) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,10 @@ def parse_json_file(path: Path):
         if _orjson is not None:
             return _orjson.loads(data)
         return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise InputFileError(path, f"not UTF-8 text ({exc.reason})") from None
+    except RecursionError:
+        raise InputFileError(path, "malformed JSON (nested too deeply)") from None
     except ValueError as exc:
         pos = getattr(exc, "pos", None)
         if pos is None:
@@ -33,8 +38,6 @@ def parse_json_file(path: Path):
         col = pos - (data.rfind(b"\n", 0, pos) + 1) + 1
         msg = getattr(exc, "msg", str(exc)).split(":")[0]
         raise InputFileError(path, f"malformed JSON at line {line}, column {col}: {msg}") from None
-    except UnicodeDecodeError as exc:
-        raise InputFileError(path, f"not UTF-8 text ({exc.reason})") from None
 
 
 def coco_paths(root: Path, split: str) -> tuple[Path, Path]:
@@ -74,17 +77,13 @@ def load_coco(
     ids, names, widths, heights = [], [], [], []
     index: dict = {}
     for entry in doc["images"]:
-        try:
-            iid, name = entry["id"], entry["file_name"]
-            w, h = int(entry["width"]), int(entry["height"])
-        except (KeyError, TypeError, ValueError):
-            skipped["image entry malformed"] += 1
+        got = _image_entry(entry)
+        if isinstance(got, str):
+            skipped[got] += 1
             continue
+        iid, name, w, h = got
         if iid in index:
             skipped["duplicate image id"] += 1
-            continue
-        if w <= 0 or h <= 0:
-            skipped["image with non-positive size"] += 1
             continue
         if files_present is not None and name not in files_present:
             skipped["image file missing"] += 1
@@ -99,37 +98,52 @@ def load_coco(
     if n == 0:
         raise InputFileError(ann_path, "no usable images (" + _describe(skipped) + ")")
 
-    raw_boxes, box_img, cats, crowd = [], [], [], []
+    raw_boxes, box_img, cats, crowd, raw_anns = [], [], [], [], []
     segs: list[list] = [[] for _ in range(n)]
     for ann in doc["annotations"]:
-        try:
-            i = index.get(ann["image_id"])
-        except (KeyError, TypeError):
+        if not isinstance(ann, dict):
             skipped["annotation malformed"] += 1
             continue
+        iid = ann.get("image_id")
+        if type(iid) is not int:  # noqa: E721 (exact type: bool and float ids are malformed)
+            skipped["annotation malformed"] += 1
+            continue
+        i = index.get(iid)
         if i is None:
             skipped["annotation for unknown image"] += 1
             continue
         if i < 0:
             continue  # its image was skipped and counted already
         bbox = ann.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        if (type(bbox) is not list or len(bbox) != 4 or type(bbox[0]) not in _NUM or type(bbox[1]) not in _NUM
+                or type(bbox[2]) not in _NUM or type(bbox[3]) not in _NUM):
             skipped["annotation malformed"] += 1
             continue
-        is_crowd = bool(ann.get("iscrowd", 0))
+        cat = ann.get("category_id", 0)
+        if type(cat) is not int or not -MAX_ID <= cat <= MAX_ID:  # noqa: E721
+            skipped["annotation with non-integer category_id"] += 1
+            continue
+        is_crowd = ann.get("iscrowd", 0)
+        if is_crowd not in (0, 1) or isinstance(is_crowd, float):
+            skipped["annotation with iscrowd not 0 or 1"] += 1
+            continue
+        is_crowd = bool(is_crowd)
         raw_boxes.append(bbox)
         box_img.append(i)
-        cats.append(ann.get("category_id", 0))
+        cats.append(int(cat))
         crowd.append(is_crowd)
+        raw_anns.append(ann)
         seg = ann.get("segmentation")
         if seg:
             segs[i].append((seg, is_crowd))
 
-    boxes, box_img, cats, crowd = _clean_boxes(raw_boxes, box_img, cats, crowd, widths, heights, skipped, notes)
+    boxes, box_img, cats, crowd, kept = _clean_boxes(raw_boxes, box_img, cats, crowd, widths, heights,
+                                                     skipped, notes)
+    gt_images = [ids[i] for i in box_img]
     categories = {}
     for c in doc.get("categories") or []:
-        if isinstance(c, dict) and "id" in c:
-            categories[c["id"]] = str(c.get("name", c["id"]))
+        if isinstance(c, dict) and _is_int(c.get("id")):
+            categories[int(c["id"])] = str(c.get("name", c["id"]))
 
     widths_a = np.asarray(widths, dtype=np.int64)
     heights_a = np.asarray(heights, dtype=np.int64)
@@ -152,29 +166,107 @@ def load_coco(
         notes=notes,
     )
     aset.mask_fn = _CocoMasks(segs, widths, heights)
+    aset.coco_gt_fn = _CocoGroundTruth(ids, names, widths, heights, [raw_anns[k] for k in kept],
+                                       [raw_boxes[k] for k in kept], gt_images, cats, crowd, categories)
     return aset
+
+
+class _CocoGroundTruth:
+    """Builds ``AnnotationSet.coco_gt`` on first use (labelling never needs it)."""
+
+    def __init__(self, ids, names, widths, heights, anns, bboxes, gt_images, cats, crowd, categories):
+        self.args = (ids, names, widths, heights, anns, bboxes, gt_images, cats, crowd, categories)
+
+    def __call__(self) -> dict:
+        ids, names, widths, heights, anns, bboxes, gt_images, cats, crowd, categories = self.args
+        return {
+            "images": [{"id": int(i), "file_name": f, "width": int(w), "height": int(h)}
+                       for i, f, w, h in zip(ids, names, widths, heights)],
+            "annotations": _gt_annotations(anns, bboxes, gt_images, cats, crowd),
+            "categories": [{"id": k, "name": v} for k, v in categories.items()] or
+                          [{"id": c, "name": str(c)} for c in sorted(set(int(c) for c in cats))],
+        }
+
+
+MAX_ID = 2**63 - 1
+_NUM = frozenset({int, float})  # exact types: a bool or a string is not a coordinate
+MAX_SIDE = 1 << 16  # pixels: larger "images" are refused as absurd
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -MAX_ID <= v <= MAX_ID
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _number(v) -> float:
+    if not _is_number(v):
+        raise TypeError("not a number")
+    return float(v)
+
+
+def _image_entry(entry):
+    """(id, file_name, width, height) of a valid images[] entry, or the reason to skip it."""
+    if not isinstance(entry, dict):
+        return "image entry malformed"
+    iid, name, w, h = entry.get("id"), entry.get("file_name"), entry.get("width"), entry.get("height")
+    if not _is_int(iid) or not isinstance(name, str) or not name:
+        return "image entry malformed"
+    if isinstance(w, float) and w.is_integer():
+        w = int(w)
+    if isinstance(h, float) and h.is_integer():
+        h = int(h)
+    if not _is_int(w) or not _is_int(h):
+        return "image entry malformed"
+    if w <= 0 or h <= 0:
+        return "image with non-positive size"
+    if w > MAX_SIDE or h > MAX_SIDE:
+        return "image with absurd size"
+    return iid, name, w, h
+
+
+def _gt_annotations(anns, bboxes, image_ids, cats, crowd) -> list[dict]:
+    """The validated annotations as a COCO ground truth for COCOeval: the published boxes,
+    areas and crowd flags of every annotation that labelling keeps (nothing non-finite)."""
+    out = []
+    for k, (a, bb) in enumerate(zip(anns, bboxes)):
+        x, y, w, h = (float(v) for v in bb)
+        area = a.get("area")
+        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area) or area < 0:
+            area = w * h
+        out.append({"id": k + 1, "image_id": int(image_ids[k]), "bbox": [x, y, w, h], "area": float(area),
+                    "iscrowd": int(crowd[k]), "category_id": int(cats[k])})
+    return out
 
 
 def _clean_boxes(raw_boxes, box_img, cats, crowd, widths, heights, skipped, notes):
     """Vectorised validation of [x, y, w, h] boxes: drop empty ones, clamp the rest."""
     try:
         b = np.asarray(raw_boxes, dtype=np.float64).reshape(-1, 4)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         b = np.full((len(raw_boxes), 4), np.nan)
         for k, bb in enumerate(raw_boxes):
             try:
-                b[k] = [float(v) for v in bb]
-            except (TypeError, ValueError):
+                b[k] = [_number(v) for v in bb]
+            except (TypeError, ValueError, OverflowError):
                 pass
     box_img = np.asarray(box_img, dtype=np.int64)
     cats = np.asarray(cats, dtype=np.int64) if len(cats) else np.zeros(0, dtype=np.int64)
     crowd = np.asarray(crowd, dtype=bool)
+    idx = np.arange(len(b))
+    with np.errstate(all="ignore"):
+        return _clean_finite(b, box_img, cats, crowd, idx, widths, heights, skipped, notes)
+
+
+def _clean_finite(b, box_img, cats, crowd, idx, widths, heights, skipped, notes):
     finite = np.isfinite(b).all(axis=1)
     skipped["annotation malformed"] += int((~finite).sum())
     empty = finite & ((b[:, 2] <= 0) | (b[:, 3] <= 0))
     skipped["box with zero or negative size"] += int(empty.sum())
     keep = finite & ~empty
-    b, box_img, cats, crowd = b[keep], box_img[keep], cats[keep], crowd[keep]
+    b, box_img, cats, crowd, idx = b[keep], box_img[keep], cats[keep], crowd[keep], idx[keep]
     w = np.asarray(widths, dtype=np.float64)[box_img]
     h = np.asarray(heights, dtype=np.float64)[box_img]
     xyxy = np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], axis=1)
@@ -187,7 +279,7 @@ def _clean_boxes(raw_boxes, box_img, cats, crowd, widths, heights, skipped, note
     notes["box clamped to image"] += int((changed & ~outside).sum())
     skipped["box outside image"] += int(outside.sum())
     keep = ~outside
-    return clamped[keep], box_img[keep], cats[keep], crowd[keep]
+    return clamped[keep], box_img[keep], cats[keep], crowd[keep], idx[keep]
 
 
 def _describe(counter: Counter) -> str:
@@ -226,25 +318,81 @@ class _CocoMasks:
 
 
 def _seg_to_rles(seg, h, w, issues: Counter, mask_utils) -> list:
+    """pycocotools RLEs of one segmentation, or [] with the reason counted in ``issues``.
+
+    Nothing unchecked reaches pycocotools' C code: polygon coordinates must be finite
+    numbers within one image size of the image (a NaN or 1e12 makes it crash or grow
+    without bound), RLE counts non-negative integers that add up to the image's pixels.
+    """
     if isinstance(seg, list):
         polys = []
         for p in seg:
             if not isinstance(p, (list, tuple)) or len(p) < 6 or len(p) % 2:
                 issues["polygon with fewer than 3 points"] += 1
                 continue
-            polys.append([float(v) for v in p])
+            if not all(_is_number(v) for v in p):
+                issues["polygon with non-numeric coordinates"] += 1
+                continue
+            a = np.asarray(p, dtype=np.float64)
+            with np.errstate(all="ignore"):
+                ok = np.isfinite(a).all() and (a[0::2] >= -w).all() and (a[0::2] <= 2 * w).all() \
+                    and (a[1::2] >= -h).all() and (a[1::2] <= 2 * h).all()
+            if not ok:
+                issues["polygon with NaN or far-out coordinates"] += 1
+                continue
+            polys.append(a.tolist())
         if not polys:
             return []
         return mask_utils.frPyObjects(polys, h, w)
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [h, w]:
+        size = seg["size"]
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) for v in size):
+            issues["RLE malformed"] += 1
+            return []
+        if list(size) != [h, w]:
             issues["mask size mismatch"] += 1
             return []
-        if isinstance(seg["counts"], list):
-            return [mask_utils.frPyObjects(seg, h, w)]
         counts = seg["counts"]
+        if isinstance(counts, list):
+            if not all(_is_int(v) and v >= 0 for v in counts) or sum(counts) != h * w:
+                issues["RLE malformed"] += 1
+                return []
+            return [mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)]
         if isinstance(counts, str):
-            counts = counts.encode("ascii")
-        return [{"size": [h, w], "counts": counts}]
+            if not _compressed_rle_ok(counts, h * w):
+                issues["RLE malformed"] += 1
+                return []
+            return [{"size": [h, w], "counts": counts.encode("ascii")}]
+        issues["RLE malformed"] += 1
+        return []
     issues["segmentation malformed"] += 1
     return []
+
+
+def _compressed_rle_ok(s: str, n_pixels: int) -> bool:
+    """Decode COCO's compressed RLE string (as pycocotools' rleFrString does) and check
+    that every run is non-negative and the runs cover exactly ``n_pixels``."""
+    if not s.isascii() or len(s) > 8 * n_pixels + 16:
+        return False
+    counts: list[int] = []
+    p, n = 0, len(s)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n or k > 12:
+                return False
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                return False
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        if x < 0 or x >= 1 << 32:
+            return False
+        counts.append(x)
+    return sum(counts) == n_pixels

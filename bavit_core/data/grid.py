@@ -53,16 +53,20 @@ class GridSpec:
 def parse_size(text: str | int) -> tuple[int, int]:
     """Parse ``"384"`` or ``"384x512"`` (height x width) into (h, w)."""
     if isinstance(text, int):
-        return (text, text)
+        text = str(text)
     s = str(text).lower().strip()
     try:
         if "x" in s:
             h, w = s.split("x", 1)
-            return (int(h), int(w))
-        v = int(s)
-        return (v, v)
+            hw = (int(h), int(w))
+        else:
+            v = int(s)
+            hw = (v, v)
     except ValueError:
         raise OptionError(f"cannot read size {text!r}: use N or HxW, e.g. 384 or 384x512") from None
+    if not all(0 < v <= 16384 for v in hw):
+        raise OptionError(f"size {text!r} must be positive and at most 16384 pixels per side")
+    return hw
 
 
 # --------------------------------------------------------------------------- boxes

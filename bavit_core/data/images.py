@@ -25,15 +25,49 @@ def load_image_sized(path: Path, size: tuple[int, int] | None = None) -> tuple[n
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.size[0] * im.size[1] > limit:
+                raise Image.DecompressionBombError(f"({im.size[0] * im.size[1]} pixels)")
+            im = to_rgb8(im)
             orig = (im.size[1], im.size[0])
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             return np.array(im, dtype=np.uint8), orig
     except FileNotFoundError:
         raise InputFileError(path, "image not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InputFileError(path, f"image too large to decode safely ({_pixels(exc)}; a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InputFileError(path, f"unreadable image ({type(exc).__name__})") from None
+
+
+def _pixels(exc) -> str:
+    import re
+
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+
+
+def to_rgb8(im):
+    """An RGB 8-bit PIL image from any mode. 16- and 32-bit integer greys (``I;16*``, ``I``:
+    16-bit PNGs) are scaled by 1/257 to 0..255 (PIL's own ``convert`` clips them, turning a
+    mid-grey 16-bit image almost white); float greys (``F``) are clipped to 0..255."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "I" and a.max(initial=0) > 65535:
+            a = a / max(a.max(), 1.0) * 65535.0
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode == "F":
+        a = np.clip(np.nan_to_num(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+    return im.convert("RGB")
 
 
 def load_image_sizes(path: Path, sizes: list[tuple[int, int]]) -> list[np.ndarray]:

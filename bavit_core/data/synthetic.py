@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from ..runtime.errors import OptionError
-from ..runtime.fileio import atomic_path, atomic_write_text
+from ..runtime.fileio import atomic_dir, atomic_path, atomic_write_text
 
 CLASS_NAMES = ("triangle", "rectangle", "ellipse", "star", "hexagon")  # category ids 1..5
 
@@ -260,16 +260,19 @@ def synth_dataset(
     n_val = int(round(n_images * val_fraction))
     names = ("train2017", "val2017") if fmt == "coco" else ("train", "val")
     split_of = [names[1] if i >= n_images - n_val else names[0] for i in range(n_images)]
-    writer = _CocoWriter(out, names) if fmt == "coco" else _VocWriter(out, names)
     n_obj = n_crowd = 0
-    for i in range(n_images):
-        rgb, objects = generate_image(seed, i, h, w, allow_crowd=(fmt == "coco"), scenes=scenes)
-        writer.add(i, split_of[i], rgb, objects)
-        n_obj += sum(not o["crowd"] for o in objects)
-        n_crowd += sum(o["crowd"] for o in objects)
-        if progress:
-            progress(1, n_images)
-    writer.close(seed=seed, size=size, scenes=scenes)
+    # built in a temporary sibling and renamed into place whole: a failure leaves no partial
+    # dataset; an existing generated dataset (annotations/ or JPEGImages/) is replaced
+    with atomic_dir(out, markers=("annotations", "JPEGImages")) as tmp:
+        writer = _CocoWriter(tmp, names) if fmt == "coco" else _VocWriter(tmp, names)
+        for i in range(n_images):
+            rgb, objects = generate_image(seed, i, h, w, allow_crowd=(fmt == "coco"), scenes=scenes)
+            writer.add(i, split_of[i], rgb, objects)
+            n_obj += sum(not o["crowd"] for o in objects)
+            n_crowd += sum(o["crowd"] for o in objects)
+            if progress:
+                progress(1, n_images)
+        writer.close(seed=seed, size=size, scenes=scenes)
     counts = {s: split_of.count(s) for s in names if split_of.count(s)}
     return SynthSummary(out, fmt, counts, n_obj, n_crowd, time.perf_counter() - t0)
 

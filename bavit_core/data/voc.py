@@ -1,6 +1,7 @@
 """Pascal VOC (VOCdevkit/VOC20xx): XML boxes and palette segmentation PNGs."""
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -15,6 +16,7 @@ from .base import AnnotationSet
 VOID = 255
 VOID_MODES = ("bg", "fg", "ignore")
 MASK_KINDS = ("object", "class")
+MAX_SIDE = 1 << 16  # pixels: larger "images" are refused as absurd
 
 
 def voc_image_id(stem: str, fallback: int) -> int:
@@ -93,11 +95,14 @@ def load_voc(
             continue
         try:
             w, h, objs = _parse_xml(xml, categories)
-        except (ET.ParseError, AttributeError, TypeError, ValueError):
+        except (ET.ParseError, AttributeError, TypeError, ValueError, OverflowError):
             skipped["unreadable annotation XML"] += 1
             continue
         if w <= 0 or h <= 0:
             skipped["image with non-positive size"] += 1
+            continue
+        if w > MAX_SIDE or h > MAX_SIDE:
+            skipped["image with absurd size"] += 1
             continue
         name = f"{stem}.jpg"
         if files_present is not None and name not in files_present:
@@ -113,6 +118,9 @@ def load_voc(
         for cat, (x0, y0, x1, y1), difficult in objs:
             diffs.append(difficult)
             b = [x0 - 1.0, y0 - 1.0, x1, y1]
+            if not all(math.isfinite(v) for v in b):
+                skipped["box with non-finite coordinates"] += 1
+                continue
             c = [min(max(b[0], 0.0), w), min(max(b[1], 0.0), h), min(max(b[2], 0.0), w), min(max(b[3], 0.0), h)]
             if b[2] <= b[0] or b[3] <= b[1]:
                 skipped["box with zero or negative size"] += 1
@@ -185,7 +193,7 @@ class _VocMasks:
                     issues["segmentation PNG is not a palette/index image"] += 1
                     return None, None, 0, issues
                 a = np.asarray(im)
-        except (OSError, UnidentifiedImageError):
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
             issues["unreadable segmentation PNG"] += 1
             return None, None, 0, issues
         if a.shape != (self.heights[i], self.widths[i]):

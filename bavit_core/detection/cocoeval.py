@@ -24,9 +24,7 @@ def coco_ground_truth(aset: AnnotationSet, image_ids, category_map: dict[int, in
 
     wanted = set(int(i) for i in image_ids)
     if aset.kind == "coco":
-        import json
-
-        doc = json.loads(aset.source_files[0].read_bytes())
+        doc = aset.coco_gt  # validated by the loader (no NaN/negative boxes, integer ids)
         images = [im for im in doc["images"] if im.get("id") in wanted]
         anns = [a for a in doc["annotations"] if a.get("image_id") in wanted and isinstance(a.get("bbox"), list)]
         cats = doc.get("categories") or [{"id": c} for c in sorted({a["category_id"] for a in anns})]

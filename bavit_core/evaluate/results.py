@@ -16,7 +16,7 @@ import torch
 from .. import __version__
 from ..detection.cocoeval import STAT_NAMES
 from ..runtime.errors import InputFileError
-from ..runtime.fileio import atomic_write_text, sha256_file
+from ..runtime.fileio import atomic_dir, atomic_write_text, sha256_file
 
 CSV_COLUMNS = (
     "selector", "threshold", "policy", "target", "sparsity", "sparsity_p10", "sparsity_p90", *STAT_NAMES,
@@ -36,6 +36,13 @@ def row_name(sel: str, t: float, target: float = float("nan"), policy: str = "th
 
 
 def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit, layout, seconds, run_info=None):
+    """Write the results directory whole (built in a temporary sibling, renamed into place),
+    so a results folder never mixes two runs."""
+    with atomic_dir(out, markers=("results.csv", "meta.json")) as tmp:
+        _write_results(tmp, results, rows, opts, aset, ids, missing, det, bavit, layout, seconds, run_info)
+
+
+def _write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit, layout, seconds, run_info=None):
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")

@@ -32,7 +32,7 @@ from ..detection.yolos import (IMAGE_MEAN, IMAGE_STD, detector_grid, init_encode
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist, epoch_order
 from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
-from ..runtime.fileio import atomic_path, atomic_write_text
+from ..runtime.fileio import atomic_path, atomic_write_text, refuse_output_over_inputs
 from .data import FinetuneData, keep_selector, label_map_for, make_batch, prepare
 from .dense_aux import dense_aux_loss
 from .options import SELECTORS, FinetuneOptions
@@ -47,8 +47,13 @@ OPTIONS_FILE = "finetune.json"
 def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None):
     from transformers import YolosForObjectDetection
 
-    if resume_dir is not None:
-        return YolosForObjectDetection.from_pretrained(str(resume_dir / "last"), attn_implementation="sdpa").to(device)
+    if resume_dir is not None:  # the architecture; state.pt then sets the weights
+        for d in (resume_dir / "last", resume_dir):
+            if (d / "config.json").is_file():
+                try:
+                    return YolosForObjectDetection.from_pretrained(str(d), attn_implementation="sdpa").to(device)
+                except Exception:  # a kill while saving: try the other copy, or rebuild
+                    continue
     if opts.from_scratch:
         lm = label_map_for(aset)
         n_labels = max(lm.values()) + 1
@@ -117,30 +122,98 @@ def _save_hf(model, dest: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or a pickle that is not plain weights
+        raise InputFileError(path, f"unreadable training state ({type(exc).__name__}); "
+                             "resume is impossible, start again with --overwrite") from None
+    need = ("epoch", "best", "best_epoch", "optimizer", "model", "rows", "torch_rng")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        raise InputFileError(path, "training state without epoch/optimizer/model (written by an older bavit?); "
+                             "start again with --overwrite")
+    return state
+
+
+class _FinetuneFiles:
+    """The run directory, written so a kill anywhere leaves a resumable run: ``state.pt``
+    (weights, optimizer, RNG, rows, best epoch) is the commit point, written first and
+    atomically; the HF files of the best (run dir) and last (``last/``) detector and
+    ``metrics.jsonl`` are derived from it and rewritten from it on resume. A fresh run
+    creates its files at its first commit, so a failed start leaves nothing behind."""
+
+    def __init__(self, out: Path):
+        self.out, self.options = out, None
+
+    def commit(self, model, optim, epoch, best, best_epoch, rows):
+        if self.options is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / STATE_FILE).unlink(missing_ok=True)  # --overwrite: the old run stops being resumable
+            self.options()
+            self.options = None
+        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        with atomic_path(self.out / STATE_FILE) as tmp:
+            torch.save({"epoch": epoch, "best": best, "best_epoch": best_epoch, "optimizer": optim.state_dict(),
+                        "model": sd, "rows": rows, "torch_rng": torch.get_rng_state()}, tmp)
+        self.derive(model, rows, epoch, best_epoch)
+
+    def derive(self, model, rows, epoch, best_epoch):
+        if best_epoch == epoch:
+            _save_hf(model, self.out)
+        _save_hf(model, self.out / "last")
+        atomic_write_text(self.out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def finetune(opts: FinetuneOptions, resume: bool = False, on_step: Callable[[int, int], None] | None = None,
-             on_epoch: Callable[[dict], None] | None = None) -> dict:
+             on_epoch: Callable[[dict], None] | None = None, overwrite: bool = False,
+             on_resume: Callable[[int, int], None] | None = None) -> dict:
     out = Path(opts.out)
+    if resume and overwrite:
+        raise OptionError("--resume and --overwrite contradict each other; choose one")
     if resume:
         f = out / OPTIONS_FILE
         if not f.is_file() or not (out / STATE_FILE).is_file():
-            raise InputFileError(out, "cannot resume: not an interrupted bavit finetune run")
-        saved = json.loads(f.read_text())["options"]
-        saved["detector_size"] = tuple(saved["detector_size"])
-        given = opts
-        opts = FinetuneOptions(**saved)
-        if given.epochs is not None:  # a resumed run may be extended
+            raise InputFileError(out, "cannot resume: not an interrupted bavit finetune run (no completed epoch)")
+        try:
+            saved = json.loads(f.read_text())["options"]
+            saved["detector_size"] = tuple(saved["detector_size"])
+            given = opts
+            opts = FinetuneOptions(**saved)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise InputFileError(f, f"unreadable run options ({type(exc).__name__})") from None
+        if given.epochs is not None and given.epochs != opts.epochs:  # a resumed run may be extended
+            if opts.schedule == "cosine":
+                raise OptionError(
+                    f"cannot resume with --epochs {given.epochs}: the run's cosine schedule spans its own "
+                    f"{opts.epochs} epochs, so every learning rate so far would differ from a {given.epochs}-epoch "
+                    "run; start a new run, or use --schedule step, whose rates do not depend on the length")
             opts.epochs = given.epochs
         opts.device, opts.out = given.device, str(out)
     opts.validate()
+    if not resume:
+        for k in ("root", "ann", "images", "labels", "val_labels", "model", "init_encoder"):
+            v = getattr(opts, k)
+            if v:
+                setattr(opts, k, str(Path(v).expanduser().resolve()))
+        if opts.detector and Path(opts.detector).expanduser().exists():
+            opts.detector = str(Path(opts.detector).expanduser().resolve())
+        refuse_output_over_inputs(out, [opts.root, opts.ann, opts.images, opts.labels, opts.val_labels, opts.model,
+                                        opts.init_encoder, opts.detector if opts.detector and Path(opts.detector).exists()
+                                        else None], is_dir=True)
+        if out.exists() and not out.is_dir():
+            raise InputFileError(out, "is a file, expected a run directory path")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise OptionError(f"{out} already holds files (a previous run?); pass --resume to continue it "
+                              "or --overwrite to replace it")
     device = Dist.local_device(resolve_device(opts.device))
     dist = Dist(device)
     try:
-        return _finetune(opts, resume, device, dist, on_step, on_epoch)
+        return _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume)
     finally:
         dist.close()
 
 
-def _finetune(opts, resume, device, dist, on_step, on_epoch):
+def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
     out = Path(opts.out)
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
     img_dir = aset.images_dir
@@ -193,20 +266,28 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
     params = [q for q in model.parameters() if q.requires_grad]
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    start_epoch, best, rows = 0, -1.0, []
+    start_epoch, best, best_epoch, rows = 0, float("-inf"), -1, []  # score may be -loss (no val split)
+    run = _FinetuneFiles(out)
     if resume:
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
-        optim.load_state_dict(state["optimizer"])
-        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
-        rows = [json.loads(ln) for ln in (out / METRICS_FILE).read_text().splitlines() if ln.strip()]
-        rows = [r for r in rows if r["epoch"] < start_epoch]
-    elif dist.main:
-        out.mkdir(parents=True, exist_ok=True)
+        state = _load_state(out / STATE_FILE)
+        try:
+            model.load_state_dict(state["model"])
+            optim.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise InputFileError(out / STATE_FILE, f"state does not fit this run ({type(exc).__name__})") from None
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best, best_epoch = int(state["epoch"]) + 1, float(state["best"]), int(state["best_epoch"])
+        rows = list(state["rows"])
+        if dist.main:
+            run.derive(model, rows, start_epoch - 1, best_epoch)
+        if on_resume:
+            on_resume(start_epoch + 1, opts.epochs)
+    else:
         doc = {"bavit_version": __version__, "options": asdict(opts), "train_images": n,
                "val_images": 0 if val is None else len(val.ids), "missing_images": len(missing),
                "train_sparsity": None if train.keep is None else float(1 - train.keep.mean()),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_text(out / OPTIONS_FILE, json.dumps(doc, indent=2, default=str))
+        run.options = lambda: atomic_write_text(out / OPTIONS_FILE, json.dumps(doc, indent=2, default=str))
     if dist.enabled:  # same starting weights everywhere
         for q in model.state_dict().values():
             torch.distributed.broadcast(q, 0)
@@ -260,14 +341,10 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch):
         if dist.main:
             improved = score > best
             if improved:
-                best = score
-                _save_hf(model, out)
+                best, best_epoch = score, epoch
             row["best"] = improved
-            _save_hf(model, out / "last")
             rows.append(row)
-            atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-            with atomic_path(out / STATE_FILE) as tmp:
-                torch.save({"epoch": epoch, "best": best, "optimizer": optim.state_dict()}, tmp)
+            run.commit(model, optim, epoch, best, best_epoch, rows)
         dist.barrier()
         if on_epoch:
             on_epoch(row)

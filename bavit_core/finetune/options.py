@@ -67,3 +67,43 @@ class FinetuneOptions:
             raise OptionError("--schedule must be cosine or step")
         if not 0.0 <= self.threshold <= 1.0:
             raise OptionError(f"--threshold must be in [0, 1], got {self.threshold}")
+        self._validate_ranges()
+
+    def _validate_ranges(self) -> None:
+        """Every remaining option checked before any work (#13)."""
+        import math
+
+        from ..runtime.devices import check_device_name
+
+        if self.epochs < 1:
+            raise OptionError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise OptionError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not math.isfinite(self.lr):
+            raise OptionError(f"--lr must be a positive number, got {self.lr}")
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
+            raise OptionError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.max_images is not None and self.max_images < 1:
+            raise OptionError(f"--max-images must be at least 1, got {self.max_images}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise OptionError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise OptionError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (self.clip_grad >= 0 and math.isfinite(self.clip_grad)):
+            raise OptionError(f"--clip-grad must be >= 0 (0 = off), got {self.clip_grad}")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)) or self.step_size < 1:
+            raise OptionError("--gamma must be positive and --step-size at least 1")
+        if not math.isfinite(self.dense_aux):
+            raise OptionError(f"--dense-aux must be a finite number, got {self.dense_aux}")
+        if self.num_detection_tokens is not None and self.num_detection_tokens < 1:
+            raise OptionError(f"--det-tokens must be at least 1, got {self.num_detection_tokens}")
+        if self.from_scratch and self.detector_config not in ("tiny", "micro", "nano"):
+            raise OptionError(f"unknown --detector-config {self.detector_config!r}; choose tiny, micro or nano")
+        if self.resample not in ("nearest", "any"):
+            raise OptionError(f"unknown --resample {self.resample!r}; choose nearest or any")
+        if self.dataset not in ("coco", "voc"):
+            raise OptionError(f"unknown --dataset {self.dataset!r}; choose coco or voc")
+        h, w = self.detector_size
+        if not (0 < h <= 16384 and 0 < w <= 16384):
+            raise OptionError(f"--detector-size must be positive, got {h}x{w}")
+        check_device_name(self.device)

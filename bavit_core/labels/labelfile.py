@@ -110,7 +110,28 @@ def read_parquet_table(path, kind: str) -> tuple[pa.Table, dict]:
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise InputFileError(p, f"not a bavit {kind} file (no bavit metadata)")
-    return table, json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise InputFileError(p, f"damaged {kind} file (its bavit metadata is not a JSON object)")
+    return table, meta
+
+
+def grid_shape_of(path, meta: dict) -> tuple[int, int]:
+    """The (gh, gw) a labels/predictions file records, checked."""
+    g = meta.get("grid_shape")
+    if (not isinstance(g, (list, tuple)) or len(g) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in g)):
+        raise InputFileError(path, f"damaged file: metadata grid_shape {g!r} is not two positive integers")
+    return int(g[0]), int(g[1])
+
+
+def require_columns(path, table: pa.Table, names) -> None:
+    missing = [c for c in names if c not in table.column_names]
+    if missing:
+        raise InputFileError(path, f"damaged file: column(s) {', '.join(missing)} missing")
 
 
 def fixed_list_to_numpy(col: pa.ChunkedArray, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -124,7 +145,17 @@ def read_labels(path, threshold: float | None = None) -> Labels:
     table, meta = read_parquet_table(path, "labels")
     if not str(meta.get("format", "")).startswith("bavit-labels/"):
         raise InputFileError(path, f"not a labels file (format {meta.get('format')!r})")
-    gh, gw = meta["grid_shape"]
+    gh, gw = grid_shape_of(path, meta)
+    require_columns(path, table, ("image_id", "file_name", "width", "height", "fg", "scores", "n_objects"))
+    if threshold is not None and meta.get("comparison") not in (">=", ">"):
+        raise InputFileError(path, f"damaged labels file: metadata comparison {meta.get('comparison')!r}")
+    try:
+        return _labels(table, meta, gh, gw, threshold)
+    except (ValueError, TypeError, KeyError, pa.ArrowException) as exc:
+        raise InputFileError(path, f"damaged labels file ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _labels(table, meta, gh, gw, threshold) -> Labels:
     scores = fixed_list_to_numpy(table["scores"], (gh, gw), np.float64)
     if threshold is None:
         grids = fixed_list_to_numpy(table["fg"], (gh, gw), bool)

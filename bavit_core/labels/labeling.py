@@ -19,10 +19,11 @@ from .. import __version__
 from ..data import AnnotationSet
 from ..data.grid import CRITERIA, GridSpec, cell_pixel_counts, cell_sizes, image_box_scores
 from ..runtime.errors import InputFileError, OptionError
-from ..runtime.fileio import sha256_bytes, sha256_file
+from ..runtime.fileio import refuse_output_over_inputs, sha256_bytes, sha256_file
 from .labelfile import FORMAT, threshold_scores, write_labels
 
 SOURCES = ("boxes", "masks")
+VOID_MODES = ("bg", "fg", "ignore")
 INCLUDE_EXCLUDE = ("include", "exclude")
 
 Progress = Callable[[int, int], None]
@@ -51,6 +52,8 @@ class LabelOptions:
         for name in ("crowd", "difficult"):
             if getattr(self, name) not in INCLUDE_EXCLUDE:
                 raise OptionError(f"--{name} must be include or exclude")
+        if self.void not in VOID_MODES:
+            raise OptionError(f"unknown --void {self.void!r}; choose one of {', '.join(VOID_MODES)}")
 
     @property
     def threshold(self) -> float:
@@ -170,6 +173,9 @@ def label_dataset(
 ) -> LabelSummary:
     """Label every image of ``aset`` and write the labels parquet atomically to ``out``."""
     opts.validate()
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    refuse_output_over_inputs(out, list(aset.source_files) + ([aset.images_dir] if aset.images_dir else []))
     t0 = time.perf_counter()
     skipped = Counter(aset.skipped)
     n = aset.n_images

@@ -197,6 +197,65 @@ def _ideal(meta: dict):
 
 
 def build_report(inp: ReportInputs, progress=None) -> dict:
+    """Write the report directory whole: built in a temporary sibling and renamed into
+    place on success, so a failure or a kill leaves no partial report (and the previous
+    report, if any, intact)."""
+    from dataclasses import replace
+
+    from ..runtime.errors import OptionError
+    from ..runtime.fileio import atomic_dir, refuse_output_over_inputs
+
+    if inp.n_examples < 1:
+        raise OptionError(f"--examples must be at least 1, got {inp.n_examples}")
+    final = Path(inp.out)
+    refuse_output_over_inputs(final, [inp.results, *inp.train_runs, inp.pred, inp.refined, inp.images,
+                                      inp.finetune_run], is_dir=True)
+    _check_inputs(inp)
+    with atomic_dir(final, markers=("index.html",)) as tmp:
+        r = _build_report(replace(inp, out=str(tmp)), progress)
+    return dict(r, out=str(final))
+
+
+def _check_inputs(inp: ReportInputs) -> None:
+    """Damaged inputs of ours (results.csv without its columns, unreadable meta.json or
+    metrics.jsonl) are one clean error before anything is drawn."""
+    from ..runtime.errors import InputFileError
+
+    if inp.results:
+        import csv
+
+        p = Path(inp.results) / "results.csv"
+        try:
+            rows = read_results(inp.results)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise InputFileError(p, f"unreadable results.csv ({str(exc)[:80]})") from None
+        if not rows:
+            raise InputFileError(p, "results.csv holds no rows")
+        missing = [c for c in ("selector", "threshold", "sparsity") if c not in rows[0]]
+        if missing:
+            raise InputFileError(p, f"results.csv without column(s) {', '.join(missing)} (not from bavit prune-eval?)")
+        mp = Path(inp.results) / "meta.json"
+        if mp.is_file():
+            try:
+                doc = json.loads(mp.read_text())
+            except (ValueError, UnicodeDecodeError):
+                doc = None
+            if not isinstance(doc, dict):
+                raise InputFileError(mp, "unreadable meta.json (not a JSON object)")
+    for run in ([*inp.train_runs] + ([inp.finetune_run] if inp.finetune_run else [])):
+        mf = Path(run) / "metrics.jsonl"
+        if not Path(run).is_dir():
+            raise InputFileError(run, "run directory not found")
+        if mf.is_file():
+            try:
+                rows = [json.loads(ln) for ln in mf.read_text().splitlines() if ln.strip()]
+            except (ValueError, UnicodeDecodeError):
+                rows = None
+            if rows is None or not all(isinstance(r, dict) and "epoch" in r for r in rows):
+                raise InputFileError(mf, "unreadable metrics.jsonl (each line must be a JSON object with an epoch)")
+
+
+def _build_report(inp: ReportInputs, progress=None) -> dict:
     out = Path(inp.out)
     out.mkdir(parents=True, exist_ok=True)
     figs: list[tuple[str, str, str]] = []  # (file, title, caption)

@@ -1,14 +1,95 @@
-"""Small file helpers: atomic writes and content hashes."""
+"""Small file helpers: atomic writes (files and whole directories), content hashes,
+and the checks every command makes on its output paths.
+
+Temporary files and directories are siblings of their destination named
+``.<name>.<pid>.<random>.tmp`` (``.tmpdir`` for directories): the pid lets the next run
+remove what a SIGKILLed process left behind without touching a live writer's files.
+Outputs get the usual ``0666 & ~umask`` / ``0777 & ~umask`` modes (mkstemp's 0600 would
+hide reports from colleagues and web servers).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from .errors import InputFileError
+from .errors import InputFileError, OptionError
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(?:tmp|tmpdir|old)$")
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _os_problem(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if exc.errno in (errno.EROFS,):
+        return "read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EISDIR:
+        return "is a directory, expected a file path"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return "a file is in the way of a directory"
+    if exc.errno == getattr(errno, "EDQUOT", -1):
+        return "disk quota exceeded"
+    return exc.strerror or type(exc).__name__
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def clean_stale_temps(parent: Path, name: str | None = None) -> int:
+    """Remove temporary siblings left in ``parent`` by processes that no longer run
+    (a SIGKILL gives no chance to clean up). Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return 0
+    for e in entries:
+        m = _TMP_RE.match(e.name)
+        if not m or (name is not None and m.group("name") != name) or _pid_alive(int(m.group("pid"))):
+            continue
+        with contextlib.suppress(OSError):
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                os.unlink(e.path)
+            removed += 1
+    return removed
+
+
+def _make_parent(dest: Path) -> Path:
+    parent = dest.parent if str(dest.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputFileError(parent, f"cannot create output directory ({_os_problem(exc)})") from None
+    if not parent.is_dir():
+        raise InputFileError(parent, "cannot create output directory (a file is in the way)")
+    return parent
 
 
 @contextlib.contextmanager
@@ -16,23 +97,87 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` on success.
 
     An exception (or an interrupt) inside the block removes the temporary file, so
-    ``dest`` is either the complete new file or whatever was there before.
+    ``dest`` is either the complete new file or whatever was there before. Write errors
+    (disk full, read-only file system, permissions) become :class:`InputFileError`.
     """
     dest = Path(dest)
-    parent = dest.parent if str(dest.parent) else Path(".")
+    parent = _make_parent(dest)
+    if dest.is_dir():
+        raise InputFileError(dest, "is a directory, expected a file path")
+    clean_stale_temps(parent, dest.name)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=parent)
     except OSError as exc:
-        raise InputFileError(parent, f"cannot create output directory ({exc.strerror})") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent)
+        raise InputFileError(dest, f"cannot write ({_os_problem(exc)})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.errno is not None:
+            raise InputFileError(dest, f"cannot write ({_os_problem(exc)})") from None
+        raise
+
+
+def check_replaceable_dir(dest: Path, markers: Iterable[str] = ()) -> None:
+    """Refuse to replace a directory that is not one of our outputs: a non-empty ``dest``
+    must hold one of ``markers`` (e.g. ``results.csv``), and never be the working
+    directory, one of its parents, or the home directory."""
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise InputFileError(dest, "is a file, expected a directory path")
+    r = dest.resolve()
+    cwd = Path.cwd().resolve()
+    if r == cwd or r in cwd.parents or r == Path.home().resolve():
+        raise OptionError(f"--out {dest} is the working or home directory (or holds it); name a new directory")
+    markers = tuple(markers)
+    if markers and any(dest.iterdir()) and not any((dest / m).exists() for m in markers):
+        raise InputFileError(dest, f"holds other files (no {' or '.join(markers)}): refusing to replace it; "
+                             "name a new or empty directory")
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, replace: bool = True, markers: Iterable[str] = ()) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and rename it onto ``dest`` whole.
+
+    On success an existing ``dest`` is replaced (``replace=True``) as a unit, so readers see
+    either the old directory or the complete new one, never a mix of two runs. On any
+    exception the temporary directory is removed and ``dest`` is untouched. An existing
+    non-empty ``dest`` is only replaced when it holds one of ``markers`` (see
+    :func:`check_replaceable_dir`).
+    """
+    dest = Path(dest)
+    parent = _make_parent(dest)
+    if dest.exists() and not dest.is_dir():
+        raise InputFileError(dest, "is a file, expected a directory path")
+    if dest.exists() and not replace:
+        raise InputFileError(dest, "already exists")
+    check_replaceable_dir(dest, markers)
+    clean_stale_temps(parent, dest.name)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmpdir", dir=parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+    except OSError as exc:
+        raise InputFileError(dest, f"cannot write ({_os_problem(exc)})") from None
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".old", dir=parent))
+            os.rmdir(old)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.errno is not None:
+            raise InputFileError(dest, f"cannot write ({_os_problem(exc)})") from None
         raise
 
 
@@ -43,6 +188,20 @@ def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def refuse_output_over_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                              option: str = "--out", is_dir: bool = False) -> None:
+    """Refuse an output path that would overwrite (or, for a directory output, contain)
+    one of the command's inputs: ``label --ann a.json --out a.json`` must not replace the
+    annotations."""
+    o = Path(out).expanduser().resolve()
+    for i in inputs:
+        if i is None or str(i) == "":
+            continue
+        p = Path(i).expanduser().resolve()
+        if o == p or (is_dir and o in p.parents):
+            raise OptionError(f"{option} {out} would overwrite the input {i}; choose another output path")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -66,6 +225,8 @@ def require_file(path: str | os.PathLike, what: str = "file") -> Path:
         raise InputFileError(p, f"{what} not found")
     if not p.is_file():
         raise InputFileError(p, f"expected a {what}, found a directory")
+    if not os.access(p, os.R_OK):
+        raise InputFileError(p, f"{what} not readable (permission denied)")
     return p
 
 

@@ -31,6 +31,8 @@ def prune_eval_cmd(
     resample: str = typer.Option("nearest", "--resample", help="BAViT grid → detector grid: nearest or any."),
     postprocess_steps: int = typer.Option(0, "--postprocess-steps", help="Clean-up steps on BAViT's grids first."),
     layout: Optional[str] = typer.Option(None, "--layout", help="pack or pad [default: pack on CPU, pad on CUDA]."),
+    pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="What happens to pruned tokens: drop (the paper), "
+                                      "pool (one mean token) or preserve (frozen keys/values); a comma list adds rows per treatment."),
     timing_images: int = typer.Option(16, "--timing-images", help="Images timed side by side per row (0 = no timing)."),
     timing_repeats: int = typer.Option(5, "--timing-repeats", help="Interleaved repeats per timing (medians)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
@@ -54,6 +56,7 @@ def prune_eval_cmd(
         batch_size=batch_size, detector_size=parse_size(detector_size), resample=resample,
         postprocess_steps=postprocess_steps, layout=layout, timing_images=timing_images,
         timing_repeats=timing_repeats, max_images=max_images, dtype=dtype, device=device, seed=seed, out=str(out),
+        pruned_tokens=[s.strip() for s in pruned_tokens.split(",") if s.strip()],
     )
     with progress_bar("prune-eval") as progress:
         r = prune_eval(opts, progress, on_stage=lambda s: err_console.print(f"[dim]{s}[/]") if err_console.is_terminal else None)
@@ -62,7 +65,8 @@ def prune_eval_cmd(
         t.add_column(c, justify="right")
     for row in r["rows"]:
         f = lambda v, p=3: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{p}f}"  # noqa: E731
-        t.add_row(row["selector"], f(row["threshold"], 2), f(row["sparsity"]), f(row["map"]), f(row["map50"]),
+        sel = row["selector"] + ("" if row["treatment"] == "drop" else f"/{row['treatment']}")
+        t.add_row(sel, f(row["threshold"], 2), f(row["sparsity"]), f(row["map"]), f(row["map50"]),
                   f(row["total_tokens"], 0), f(row["token_reduction_pct"], 1) + "%", f(row["gflops"], 2),
                   f(row["latency_ms"], 1), f(row["speedup"], 2) + "x", f(row["detector_speedup"], 2) + "x")
     print_table(t)

@@ -151,6 +151,20 @@ def test_pruned_forward_equals_transformers_reference(mid, treatment):
     assert pack.kept.tolist() == keep.reshape(4, -1).sum(1).tolist()
 
 
+@pytest.mark.parametrize("treatment", TREATMENTS)
+def test_images_with_no_kept_patch(treatment):
+    m = make(mid=True)
+    x = torch.randn(2, 3, 64, 96)
+    for keep in (torch.zeros(2, 4, 6, dtype=torch.bool), torch.stack([torch.zeros(4, 6, dtype=torch.bool),
+                                                                      torch.ones(4, 6, dtype=torch.bool)])):
+        with torch.no_grad():
+            ref_logits, ref_boxes, _ = hf_reference(m, x, keep, treatment)
+            for layout in ("pack", "pad"):
+                out = pruned_forward(m, x, keep, layout=layout, treatment=treatment)
+                torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
+                torch.testing.assert_close(out.pred_boxes, ref_boxes, atol=1e-5, rtol=0)
+
+
 def test_treatments_differ_when_tokens_are_pruned():
     m = make(mid=True)
     x = torch.randn(2, 3, 64, 96)

@@ -228,7 +228,7 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
         all_emb = proj(pixel_values).flatten(2).transpose(1, 2) + pos[1:1 + p]  # (B, P, C)
         kept_emb = all_emb[bi, pi]
     else:
-        rows = patches[bi, pi // gw, pi % gw].reshape(bi.shape[0], -1)  # (kept, 3·ps·ps) pixels
+        rows = patches[bi, pi // gw, pi % gw].reshape(bi.shape[0], w_patch.shape[1])  # (kept, 3·ps·ps) pixels
         kept_emb = F.linear(rows, w_patch, proj.bias) + pos[1 + pi]
     spec = torch.cat([emb_mod.cls_token[0], emb_mod.detection_tokens[0]]) + pos[spec_src]  # (1 + D, C)
 

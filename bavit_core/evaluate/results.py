@@ -19,14 +19,15 @@ from ..runtime.errors import InputFileError
 from ..runtime.fileio import atomic_write_text, sha256_file
 
 CSV_COLUMNS = (
-    "selector", "threshold", "sparsity", *STAT_NAMES, "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens",
-    "total_tokens", "token_reduction_pct", "gflops", "latency_ms", "throughput_ips", "dense_latency_ms",
+    "selector", "threshold", "treatment", "sparsity", *STAT_NAMES, "bavit_tokens", "yolos_tokens",
+    "yolos_pruned_tokens", "kv_only_tokens", "total_tokens", "token_reduction_pct", "gflops", "latency_ms", "throughput_ips", "dense_latency_ms",
     "speedup", "detector_speedup", "flop_speedup", "peak_mem_mb", "device", "dtype", "batch_size", "n_images",
 )
 
 
-def row_name(sel: str, t: float) -> str:
-    return sel if math.isnan(t) else f"{sel}_{t:.2f}"
+def row_name(sel: str, t: float, treatment: str = "drop") -> str:
+    name = sel if math.isnan(t) else f"{sel}_{t:.2f}"
+    return name if treatment == "drop" else f"{name}_{treatment}"
 
 
 def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit, layout, seconds):
@@ -37,7 +38,7 @@ def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit
     for r in results:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     for row in rows:
-        atomic_write_text(out / "detections" / f"{row_name(row.selector, row.threshold)}.json",
+        atomic_write_text(out / "detections" / f"{row_name(row.selector, row.threshold, row.treatment)}.json",
                           json.dumps(row.detections))
     import transformers
 
@@ -56,8 +57,8 @@ def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit
         "bavit": asdict(bavit.cfg) if bavit else None,
         "n_images": len(ids),
         "missing_images": len(missing),
-        "rows": [row_name(r.selector, r.threshold) for r in rows],
-        "per_image_sparsity": {row_name(r.selector, r.threshold):
+        "rows": [row_name(r.selector, r.threshold, r.treatment) for r in rows],
+        "per_image_sparsity": {row_name(r.selector, r.threshold, r.treatment):
                                np.round(1 - r.keep.reshape(len(ids), -1).mean(axis=1), 4).tolist() for r in rows},
         "image_ids": [int(i) for i in ids],
         "seconds": seconds,
@@ -74,8 +75,9 @@ def read_results(results_dir) -> list[dict]:
     with open(p) as f:
         rows = list(csv.DictReader(f))
     for r in rows:
+        r.setdefault("treatment", "drop")  # results written before treatments existed
         for k, v in r.items():
-            if k not in ("selector", "device", "dtype"):
+            if k not in ("selector", "treatment", "device", "dtype"):
                 try:
                     r[k] = float(v)
                 except (TypeError, ValueError):

@@ -24,7 +24,7 @@ from ..data import open_dataset
 from ..data.images import decode_once, resolve_paths, to_input
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
 from ..detection.cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections, voc_category_map
-from ..detection.pruned import LAYOUTS, pruned_forward
+from ..detection.pruned import LAYOUTS, TREATMENTS, pruned_forward
 from ..detection.selection import SELECTORS, bavit_keep, dense_keep, oracle_keep, random_keep, resample_torch
 from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, load_detector
 from ..runtime.devices import resolve_device
@@ -86,6 +86,7 @@ class PruneEvalOptions:
     device: str = "auto"
     seed: int = 0
     out: str = "results"
+    pruned_tokens: list[str] = field(default_factory=lambda: ["drop"])  # treatments of pruned tokens
 
 
 @dataclass
@@ -94,6 +95,17 @@ class Row:
     threshold: float
     keep: np.ndarray  # (N, dh, dw) bool on the detector grid
     detections: list = field(default_factory=list)
+    treatment: str = "drop"  # what happens to the pruned tokens (detection/pruned.py)
+
+
+def _per_treatment(rows: list[Row], treatments: list[str]) -> list[Row]:
+    """Every row that prunes, once per treatment of the pruned tokens (the dense row once:
+    with nothing pruned every treatment is the dense model)."""
+    out = []
+    for r in rows:
+        for t in (["drop"] if r.selector == "dense" else treatments):
+            out.append(Row(r.selector, r.threshold, r.keep, treatment=t))
+    return out
 
 
 def _selectors(opts: PruneEvalOptions) -> list[str]:
@@ -123,6 +135,10 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     if opts.dtype not in ("fp32", "bf16", "fp16"):
         raise OptionError("--dtype must be fp32, bf16 or fp16")
     selectors = _selectors(opts)
+    treatments = list(dict.fromkeys(opts.pruned_tokens))
+    bad = [t for t in treatments if t not in TREATMENTS]
+    if bad or not treatments:
+        raise OptionError(f"unknown --pruned-tokens {bad[0] if bad else ''!r}; choose from {', '.join(TREATMENTS)}")
     device = resolve_device(opts.device)
     layout = opts.layout or ("pad" if device.type == "cuda" else "pack")
     if layout not in LAYOUTS:
@@ -162,8 +178,8 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     # ---- pass 1: decode once; BAViT probabilities (once per image) -------------------
     n = len(files)
     thresholds = opts.thresholds if any(s in selectors for s in ("bavit", "random")) else []
-    total_work = n * (1 + (bavit is not None) + sum(1 for s in selectors if s in ("dense", "oracle")) +
-                      len(thresholds) * sum(1 for s in selectors if s in ("bavit", "random")))
+    total_work = n * (1 + (bavit is not None) + ("dense" in selectors) + len(treatments) * (
+        ("oracle" in selectors) + len(thresholds) * sum(1 for s in selectors if s in ("bavit", "random"))))
     tick = (lambda k, _total: progress(k, total_work)) if progress else None
     stage("decoding images")
     sizes = [det_hw] + ([(bavit.cfg.input_h, bavit.cfg.input_w)] if bavit is not None else [])
@@ -189,6 +205,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
             for t in thresholds:
                 ref = bavit_keep(probs, t, dgrid, opts.resample, opts.postprocess_steps)
                 rows.append(Row("random", t, random_keep(ref, [opts.seed, int(round(t * 1e6))])))
+    rows = _per_treatment(rows, treatments)
 
     # ---- pass 2: detections per row --------------------------------------------------
     stage("detecting")
@@ -202,7 +219,7 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
                 if keep is not None and bool(keep.all()):
                     keep = None
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
-                    out = pruned_forward(det, x, keep, layout=layout)
+                    out = pruned_forward(det, x, keep, layout=layout, treatment=row.treatment)
                 row.detections += detections_from_outputs(out.logits, out.pred_boxes, ids[sl], widths[sl], heights[sl])
                 if progress:
                     progress(sl.stop - sl.start, total_work)
@@ -221,8 +238,9 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
         r = {"selector": row.selector, "threshold": row.threshold, "sparsity": float(sparsity_i.mean())}
         r.update(stats)
         r.update(token_columns(sparsity_i, n_patches, det.config.num_hidden_layers,
-                               bavit.cfg.n_tokens if bavit else 0, bavit.cfg.depth if bavit else 0, with_bavit))
-        g = detector_gflops(det.config, kept_i, n_patches)
+                               bavit.cfg.n_tokens if bavit else 0, bavit.cfg.depth if bavit else 0, with_bavit,
+                               row.treatment))
+        g = detector_gflops(det.config, kept_i, n_patches, row.treatment)
         if with_bavit:
             g += bavit_gflops(bavit.cfg)
         r["gflops"] = g
@@ -262,7 +280,7 @@ def _time_row(det, bavit, row, t_idx, det_u8, bav_timed, opts, device, dtype, la
             keep = None
         fns = {"dense": lambda: _dense(det, x, autocast)}
         if keep is not None:
-            fns["pruned"] = lambda: _pruned(det, x, keep, layout, autocast)
+            fns["pruned"] = lambda: _pruned(det, x, keep, layout, autocast, row.treatment)
         if bavit is not None:
             xb = to_input(np.stack([bav_timed[i] for i in sl]), bavit.cfg.mean, bavit.cfg.std, device)
             t = row.threshold
@@ -274,7 +292,7 @@ def _time_row(det, bavit, row, t_idx, det_u8, bav_timed, opts, device, dtype, la
                 if opts.postprocess_steps:
                     g = torch.as_tensor(refine(g.cpu().numpy(), opts.postprocess_steps), device=device)
                 k = resample_torch(g, dgrid)
-                return _pruned(det, x, k, layout, autocast)
+                return _pruned(det, x, k, layout, autocast, row.treatment)
 
             fns["full"] = full
         med = time_interleaved(fns, device, repeats=opts.timing_repeats)
@@ -298,8 +316,8 @@ def _dense(det, x, autocast):
         return det(pixel_values=x)
 
 
-def _pruned(det, x, keep, layout, autocast):
+def _pruned(det, x, keep, layout, autocast, treatment="drop"):
     with torch.autocast(**autocast):
-        return pruned_forward(det, x, keep, layout=layout)
+        return pruned_forward(det, x, keep, layout=layout, treatment=treatment)
 
 

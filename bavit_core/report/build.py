@@ -46,6 +46,7 @@ def table2(rows: list[dict]) -> list[dict]:
             "model": MODEL_NAMES.get(r["selector"], r["selector"]),
             "selector": r["selector"],
             "threshold": _fmt(r["threshold"], 2),
+            "treatment": r.get("treatment", "drop"),
             "sparsity %": _fmt(100 * r["sparsity"], 1),
             "mAP": _fmt(100 * r["map"], 2),
             "BAViT": _fmt(r["bavit_tokens"], 0),
@@ -153,10 +154,11 @@ def build_report(inp: ReportInputs, progress=None) -> dict:
     tables = {}
     rows, meta = [], {}
     if inp.results:
-        rows = read_results(inp.results)
+        all_rows = read_results(inp.results)
+        rows = [r for r in all_rows if r["treatment"] == "drop"]  # other treatments: their own figure
         mp = Path(inp.results) / "meta.json"
         meta = json.loads(mp.read_text()) if mp.is_file() else {}
-        t2 = table2(rows)
+        t2 = table2(all_rows)
         atomic_write_text(out / "table2.csv", _csv(t2))
         atomic_write_text(out / "table2.md", _markdown(t2))
         tables["Table 2: token reduction, accuracy and speed"] = t2
@@ -169,6 +171,11 @@ def build_report(inp: ReportInputs, progress=None) -> dict:
         figures.reduction_vs_map(rows, out / "reduction_vs_map.png")
         figs.append(("reduction_vs_map.png", "Token reduction vs mAP",
                      "Paper eq. 4: reduction counts BAViT's own tokens, so light pruning can be a net increase."))
+        if len({r["treatment"] for r in all_rows if r["selector"] == "bavit"}) > 1:
+            figures.treatments(all_rows, out / "treatments.png")
+            figs.append(("treatments.png", "What happens to pruned tokens",
+                         "BAViT rows per treatment of the pruned tokens (drop: the paper; pool: one mean token; "
+                         "preserve: frozen keys/values): mAP, and measured end-to-end speedup beside each one's FLOP ideal."))
         per = meta.get("per_image_sparsity", {})
         pick = {k: v for k, v in per.items() if k.startswith("bavit_")}
         if pick:

@@ -124,7 +124,13 @@ def test_pruned_forward_equals_transformers_reference(mid, treatment):
         ref_logits, ref_boxes, ref_states = hf_reference(m, x, keep, treatment)
         pack = pruned_forward(m, x, keep, layout="pack", return_hidden=True, treatment=treatment)
         pad = pruned_forward(m, x, keep, layout="pad", return_hidden=True, treatment=treatment)
-        for out in (pack, pad):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # pack then attends image by image
+        try:
+            pack1 = pruned_forward(m, x, keep, layout="pack", return_hidden=True, treatment=treatment)
+        finally:
+            torch.set_num_threads(threads)
+        for out in (pack, pad, pack1):
             torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.pred_boxes, ref_boxes, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.last_hidden_state, pack.last_hidden_state, atol=1e-5, rtol=0)

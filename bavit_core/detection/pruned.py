@@ -29,7 +29,8 @@ With nothing pruned every treatment is the original model (tested to 1e-5). Imag
 batch keep different numbers of tokens; two layouts are offered:
 
 * ``pack``: all images' tokens are concatenated into one (T, C) matrix for the Linear
-  layers (no padding work at all) and attention runs per image; best on CPU.
+  layers (no padding work at all); attention runs in one padded call per layer (per image
+  when torch runs single-threaded on CPU, where calls are cheap); best on CPU.
 * ``pad``: (B, L_max, C) with a key-padding mask through ``scaled_dot_product_attention``;
   one kernel call per layer, best on GPU.
 
@@ -144,6 +145,19 @@ def _attend_pad(qkv, kv_extra, mask, heads, hd, scale, p_drop):
     am = None if mask is None else mask[:, None, None, :]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p_drop, scale=scale)
     return o.transpose(1, 2).reshape(b, l, heads * hd)
+
+
+def _attend_via_pad(qkv, kv_extra, dest, fdest, b, lq, lf, mask, heads, hd, scale, p_drop):
+    """Packed attention in one padded SDPA call: the packed rows are scattered into (B, L)
+    slots (``dest``; frozen keys/values into (B, L') slots ``fdest``), attended with a key
+    mask and gathered back. One kernel call per layer instead of one per image: on CPU
+    with several threads every call pays a thread wake-up that does not shrink with the
+    tokens."""
+    buf = qkv.new_zeros(b * lq, qkv.shape[1]).index_put((dest,), qkv).view(b, lq, -1)
+    kvb = None
+    if kv_extra is not None:
+        kvb = kv_extra.new_zeros(b * lf, kv_extra.shape[1]).index_put((fdest,), kv_extra).view(b, lf, -1)
+    return _attend_pad(buf, kvb, mask, heads, hd, scale, p_drop).reshape(b * lq, -1)[dest]
 
 
 def _encode(model, h, frozen, attend, mid):
@@ -283,7 +297,23 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
         if bool(mask.all()):
             mask = None
         attend = lambda qkv, kv: _attend_pad(qkv, kv, mask, heads, hd, scale, p_drop)  # noqa: E731
-    else:
+    elif b > 1 and (dev.type != "cpu" or torch.get_num_threads() > 1):
+        # packed Linear layers, one padded attention call per layer
+        img = torch.repeat_interleave(torch.arange(b, device=dev), lens_t)
+        dest = img * L + torch.arange(total, device=dev) - starts[img]
+        mask = torch.arange(L, device=dev)[None] < lens_t[:, None]
+        fdest, lf = None, 0
+        if frozen is not None:
+            fl_t = torch.tensor(fr_lengths, device=dev)
+            lf = max(fr_lengths)
+            fimg = torch.repeat_interleave(torch.arange(b, device=dev), fl_t)
+            fdest = fimg * lf + torch.arange(frozen.shape[0], device=dev) - (torch.cumsum(fl_t, 0) - fl_t)[fimg]
+            mask = torch.cat([mask, torch.arange(lf, device=dev)[None] < fl_t[:, None]], 1)
+        if bool(mask.all()):
+            mask = None
+        attend = lambda qkv, kv: _attend_via_pad(qkv, kv, dest, fdest, b, L, lf, mask, heads, hd,  # noqa: E731
+                                                 scale, p_drop)
+    else:  # one image, or one thread: per-image calls cost little and pad nothing
         attend = lambda qkv, kv: _attend(qkv, kv, lengths, fr_lengths, heads, hd, scale, p_drop)  # noqa: E731
     h = _encode(model, h, frozen, attend, mid_g).reshape(total, c)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import YolosForObjectDetection
 
-from bavit_core.detection.accounting import token_columns
+from bavit_core.detection.accounting import detector_gflops, token_columns, yolos_macs
 from bavit_core.detection.pruned import TREATMENTS, pruned_forward
 from bavit_core.detection.yolos import init_new_yolos, load_detector, tiny_yolos_config
 from bavit_core.runtime.errors import BavitError, InputFileError
@@ -268,3 +268,30 @@ def test_encoder_initialised_from_bavit_computes_bavits_layers():
     wide = BAViT(ModelConfig(depth=1, input_h=32, input_w=48, embed_dim=96, num_heads=2))
     with pytest.raises(BavitError, match="does not match the detector"):
         init_encoder_from_bavit(make(), wide)
+
+
+def test_flops_and_token_columns_per_treatment():
+    cfg = tiny_yolos_config("tiny")
+    d, nd = 192, 100
+    kept = np.array([100.0, 1024.0])
+    dense = detector_gflops(cfg, np.full(2, 1024), 1024)
+    for t in TREATMENTS:  # nothing pruned: every treatment is the dense model
+        assert detector_gflops(cfg, np.array([1024]), 1024, t) == pytest.approx(dense)
+    drop, pool, keep = (detector_gflops(cfg, kept, 1024, t) for t in TREATMENTS)
+    embed = 3 * 16 * 16 * d
+    # pool: one more token (and its embedding) in the image with pruned tokens, none in the other
+    extra = yolos_macs(1 + 100 + nd + 1, d, 768, 12) - yolos_macs(1 + 100 + nd, d, 768, 12) + embed
+    assert pool - drop == pytest.approx(2 * extra / 2 / 1e9)
+    # preserve: all patches embedded, per layer 2·Np·d² for K/V and Nk·Np more attention MACs
+    n, npr = 1 + 100 + nd, 924
+    extra = 924 * embed + 12 * (2 * npr * d * d + 2 * n * npr * d)
+    assert keep - drop == pytest.approx(2 * extra / 2 / 1e9)
+    s = np.array([0.5, 0.0])
+    cols = {t: token_columns(s, 1024, 12, 576, 2, with_bavit=False, treatment=t) for t in TREATMENTS}
+    assert cols["drop"]["treatment"] == "drop" and cols["drop"]["kv_only_tokens"] == 0
+    assert cols["pool"]["yolos_pruned_tokens"] == cols["drop"]["yolos_pruned_tokens"] + 12 / 2
+    assert cols["preserve"]["yolos_pruned_tokens"] == cols["drop"]["yolos_pruned_tokens"]
+    assert cols["preserve"]["kv_only_tokens"] == 12 * 1024 * 0.25
+    assert cols["preserve"]["token_reduction_pct"] == cols["drop"]["token_reduction_pct"]  # eq. 4: computed tokens
+    with pytest.raises(ValueError, match="treatment must be one of"):
+        detector_gflops(cfg, kept, 1024, "merge")

@@ -46,7 +46,6 @@ def table2(rows: list[dict]) -> list[dict]:
             "model": MODEL_NAMES.get(r["selector"], r["selector"]),
             "selector": r["selector"],
             "threshold": _fmt(r["threshold"], 2),
-            "treatment": r.get("treatment", "drop"),
             "sparsity %": _fmt(100 * r["sparsity"], 1),
             "mAP": _fmt(100 * r["map"], 2),
             "BAViT": _fmt(r["bavit_tokens"], 0),
@@ -62,6 +61,7 @@ def table2(rows: list[dict]) -> list[dict]:
             "speedup": _fmt(r["speedup"], 2),
             "detector speedup": _fmt(r["detector_speedup"], 2),
             "peak mem MB": _fmt(r["peak_mem_mb"], 1),
+            "treatment": r.get("treatment", "drop"),
         })
     return out
 

@@ -50,7 +50,10 @@ def main():
     ap.add_argument("--timing-images", type=int, default=16)
     ap.add_argument("--timing-repeats", type=int, default=7)
     ap.add_argument("--out", default=None, help="[default: DEMO/treatments]")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's]")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     from bavit_core.bavit.inference import infer_probs
     from bavit_core.bavit.model import load_bavit
@@ -136,7 +139,8 @@ def main():
     result = {"dense": {"map": evaluate(base, None, "drop")["map"],
                         "map_F": {t: evaluate(tuned[t], None, "drop")["map"] for t in treatments},
                         "gflops": dense_g},
-              "rows": [], "load": os.getloadavg(), "torch": torch.__version__, "epochs": a.epochs}
+              "rows": [], "load": os.getloadavg(), "torch": torch.__version__, "epochs": a.epochs,
+              "threads": torch.get_num_threads()}
     for name, keep in points.items():
         kept = keep.reshape(len(ids), -1).sum(1)
         tm = timing(keep)

@@ -33,6 +33,8 @@ def finetune(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels parquet of the training images (oracle)."),
     model: Optional[Path] = typer.Option(None, "--model", help="BAViT run (bavit selector)."),
     threshold: float = typer.Option(0.5, "--threshold", help="BAViT: a token is pruned when its BG probability >= this."),
+    pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="What happens to pruned tokens in training and "
+                                      "validation: drop (the paper), pool (one mean token) or preserve (frozen keys/values)."),
     detector_size: str = typer.Option("512", "--detector-size", help="Detector input size, N or HxW."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [default: 30; with --resume: the run's own, or extend it to N]."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per step and per process."),
@@ -66,6 +68,7 @@ def finetune(
         num_detection_tokens=num_detection_tokens,
         init_encoder=str(init_encoder) if init_encoder else None, dense_aux=dense_aux, detector_size=parse_size(detector_size), selector=selector,
         labels=str(labels) if labels else None, model=str(model) if model else None, threshold=threshold,
+        pruned_tokens=pruned_tokens,
         epochs=epochs if epochs is not None or resume else FinetuneOptions.epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         schedule=schedule, clip_grad=clip_grad, seed=seed, max_images=max_images, device=device, out=str(out),
     )

@@ -34,6 +34,8 @@ def prune_eval_cmd(
     resample: str = typer.Option("nearest", "--resample", help="BAViT grid → detector grid: nearest or any."),
     postprocess_steps: int = typer.Option(0, "--postprocess-steps", help="Clean-up steps on BAViT's grids first (with --thresholds)."),
     layout: Optional[str] = typer.Option(None, "--layout", help="pack or pad [default: pack on CPU, pad on CUDA]."),
+    pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="What happens to pruned tokens: drop (the paper), "
+                                      "pool (one mean token) or preserve (frozen keys/values); a comma list adds rows per treatment."),
     timing_images: int = typer.Option(8, "--timing-images", help="Images timed (0 = no timing)."),
     timing_repeats: int = typer.Option(3, "--timing-repeats", help="Round-robin repeats of dense, BAViT and every row (medians, spreads)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
@@ -71,6 +73,7 @@ def prune_eval_cmd(
         postprocess_steps=postprocess_steps, layout=layout, timing_images=timing_images,
         timing_repeats=timing_repeats, max_images=max_images, dtype=dtype, device=device, seed=seed, out=str(out),
         runtime=runtime, exported=str(exported) if exported else None,
+        pruned_tokens=[s.strip() for s in pruned_tokens.split(",") if s.strip()],
     )
     n_stages = len(STAGES) - (0 if model else 1)
     with progress_bar("prune-eval", stages=n_stages) as progress:
@@ -99,7 +102,8 @@ def summary_table(r: dict, batch_size: int) -> Table:
         spread = row["latency_spread"]
         ms = _f(row["latency_ms"], 1) + ("" if math.isnan(spread) else f"±{100 * spread:.0f}%")
         noisy = "*" if row["timing_noisy"] else ""
-        t.add_row(row["selector"], point, _f(row["sparsity"]), _f(row["map"]), _f(row["map50"]),
+        sel = row["selector"] + ("" if row.get("treatment", "drop") == "drop" else f"/{row['treatment']}")
+        t.add_row(sel, point, _f(row["sparsity"]), _f(row["map"]), _f(row["map50"]),
                   _f(row["token_reduction_pct"], 1) + "%", ms, _f(row["speedup"], 2) + "x" + noisy)
     return t
 

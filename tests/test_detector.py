@@ -3,73 +3,217 @@ import pytest
 import torch
 from transformers import YolosForObjectDetection
 
-from bavit_core.detection.accounting import token_columns
-from bavit_core.detection.pruned import masked_reference_forward, pruned_forward
-from bavit_core.detection.yolos import load_detector, tiny_yolos_config
+from bavit_core.detection.accounting import detector_gflops, token_columns, yolos_macs
+from bavit_core.detection.pruned import TREATMENTS, pruned_forward
+from bavit_core.detection.yolos import init_new_yolos, load_detector, tiny_yolos_config
 from bavit_core.runtime.errors import BavitError, InputFileError
 
 
-def make(mid=False, size=(64, 96), labels=5):
-    torch.manual_seed(0)
+def make(mid=False, size=(64, 96), labels=5, seed=0):
+    """A nano YOLOS with random CLS/detection tokens and (mid-layer) position embeddings:
+    with transformers' zero defaults a forward that loses or misplaces positions would
+    still pass."""
+    torch.manual_seed(seed)
     cfg = tiny_yolos_config("nano", num_labels=labels, image_size=size, use_mid_position_embeddings=mid)
-    return YolosForObjectDetection(cfg).eval()
+    m = YolosForObjectDetection(cfg).eval()
+    init_new_yolos(m, seed)
+    with torch.no_grad():  # larger than init_new_yolos's std 0.02, so positions matter to 1e-5
+        for t in (m.vit.embeddings.position_embeddings, m.vit.embeddings.cls_token, m.vit.embeddings.detection_tokens):
+            t.mul_(25)
+        if mid:
+            m.vit.encoder.interpolation.mid_position_embeddings.mul_(25)
+    return m
 
 
+def hf_reference(m, x, keep, treatment):
+    """Independent reference built from transformers' own modules (YolosEmbeddings,
+    YolosLayer, the mid-position interpolation, the final layernorm and heads), one image
+    at a time, on the sequence each treatment defines:
+    drop = the sequence with pruned tokens removed; pool = that plus one token, the mean of
+    the pruned tokens' input embeddings (and mid-layer position embeddings); preserve = the
+    full sequence where pruned positions are reset to their input embedding after every
+    layer. Returns logits, boxes and the final states of [CLS, kept patches, det]."""
+    vit, cfg = m.vit, m.config
+    nd = cfg.num_detection_tokens
+    H, W = x.shape[-2:]
+    logits, boxes, states = [], [], []
+    for i in range(x.shape[0]):
+        e = vit.embeddings(x[i:i + 1])  # (1, 1 + P + D, C): HF adds the position embeddings
+        p = e.shape[1] - 1 - nd
+        k = keep[i].reshape(-1)
+        kept = torch.nonzero(k).flatten() + 1
+        pruned = torch.nonzero(~k).flatten() + 1
+        mid = vit.encoder.interpolation((H, W)) if cfg.use_mid_position_embeddings else None
+        reset = None
+        if treatment == "preserve":
+            idx = torch.arange(e.shape[1])
+            reset = torch.zeros(1, e.shape[1], 1, dtype=torch.bool)
+            reset[0, pruned] = True
+        else:
+            idx = torch.cat([torch.zeros(1, dtype=torch.long), kept, torch.arange(1 + p, 1 + p + nd)])
+        h = e[:, idx]
+        mids = None if mid is None else mid[:, :, idx]
+        if treatment == "pool" and len(pruned):
+            h = torch.cat([h, e[:, pruned].mean(1, keepdim=True)], 1)
+            if mid is not None:
+                mids = torch.cat([mids, mid[:, :, pruned].mean(2, keepdim=True)], 2)
+        for li, layer in enumerate(vit.encoder.layer):
+            h = layer(h)
+            h = h[0] if isinstance(h, tuple) else h
+            if mids is not None and li < cfg.num_hidden_layers - 1:
+                h = h + mids[li]
+            if reset is not None:
+                h = torch.where(reset, e, h)
+        h = vit.layernorm(h)
+        det = h[:, len(idx) - nd:len(idx)]
+        logits.append(m.class_labels_classifier(det))
+        boxes.append(m.bbox_predictor(det).sigmoid())
+        states.append(h[0, :len(idx)] if treatment != "preserve" else h[0])
+    return torch.cat(logits), torch.cat(boxes), states
+
+
+def ragged_keep(g, b=4, shares=(0.2, 0.5, 0.8, 1.0)):
+    keep = torch.rand(b, 4, 6, generator=g) < torch.tensor(shares[:b])[:, None, None]
+    keep[0, 0, 0] = True
+    keep[0, 1:, :] = False  # image 0: few kept tokens, one of them not among the first patches
+    keep[0, 2, 3] = True
+    return keep
+
+
+@pytest.mark.parametrize("treatment", TREATMENTS)
 @pytest.mark.parametrize("mid", [False, True])
-def test_nothing_pruned_is_the_original_model(mid):
+def test_nothing_pruned_is_the_original_model(mid, treatment):
     m = make(mid)
     x = torch.randn(3, 3, 64, 96)
     with torch.no_grad():
         ref = m(pixel_values=x)
         for layout in ("pack", "pad"):
-            out = pruned_forward(m, x, None, layout=layout, return_hidden=True)
+            out = pruned_forward(m, x, None, layout=layout, return_hidden=True, treatment=treatment)
             torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.pred_boxes, ref.pred_boxes, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=0)
-            all_kept = pruned_forward(m, x, torch.ones(3, 4, 6, dtype=torch.bool), layout=layout)
+            all_kept = pruned_forward(m, x, torch.ones(3, 4, 6, dtype=torch.bool), layout=layout, treatment=treatment)
             torch.testing.assert_close(all_kept.logits, ref.logits, atol=1e-5, rtol=0)
 
 
 def test_interpolated_positions_at_another_input_size():
-    m = make(size=(64, 64))
-    x = torch.randn(1, 3, 96, 128)  # YOLOS interpolates its position embeddings
+    m = make(mid=True, size=(64, 64))
+    x = torch.randn(2, 3, 96, 128)  # YOLOS interpolates its (mid-layer) position embeddings
+    keep = ragged_keep(torch.Generator().manual_seed(5), b=2, shares=(0.5, 0.7)).repeat(1, 2, 2)[:, :6, :8]
     with torch.no_grad():
         torch.testing.assert_close(pruned_forward(m, x).logits, m(pixel_values=x).logits, atol=1e-5, rtol=0)
+        for t in TREATMENTS:
+            ref_logits, ref_boxes, _ = hf_reference(m, x, keep, t)
+            out = pruned_forward(m, x, keep, treatment=t)
+            torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.pred_boxes, ref_boxes, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("treatment", TREATMENTS)
 @pytest.mark.parametrize("mid", [False, True])
-def test_pruned_equals_masked_reference_and_batches_equal_single_images(mid):
+def test_pruned_forward_equals_transformers_reference(mid, treatment):
+    """Catches a forward that drops the (mid-layer) position embeddings when pruning or
+    gives kept tokens the positions of other patches: the reference takes HF's own
+    embeddings and gathers them at the kept positions."""
     m = make(mid)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 3, 64, 96, generator=g)
-    keep = torch.rand(4, 4, 6, generator=g) < torch.tensor([0.2, 0.5, 0.8, 1.0])[:, None, None]
-    keep[0, 0, 0] = True
+    keep = ragged_keep(g)
+    nd = m.config.num_detection_tokens
     with torch.no_grad():
-        ref = masked_reference_forward(m, x, keep)
-        pack = pruned_forward(m, x, keep, layout="pack", return_hidden=True)
-        pad = pruned_forward(m, x, keep, layout="pad", return_hidden=True)
-        for out in (pack, pad):
-            torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
-            torch.testing.assert_close(out.pred_boxes, ref.pred_boxes, atol=1e-5, rtol=0)
+        ref_logits, ref_boxes, ref_states = hf_reference(m, x, keep, treatment)
+        pack = pruned_forward(m, x, keep, layout="pack", return_hidden=True, treatment=treatment)
+        pad = pruned_forward(m, x, keep, layout="pad", return_hidden=True, treatment=treatment)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # pack then attends image by image
+        try:
+            pack1 = pruned_forward(m, x, keep, layout="pack", return_hidden=True, treatment=treatment)
+        finally:
+            torch.set_num_threads(threads)
+        for out in (pack, pad, pack1):
+            torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.pred_boxes, ref_boxes, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.last_hidden_state, pack.last_hidden_state, atol=1e-5, rtol=0)
         for i in range(4):
-            single = pruned_forward(m, x[i:i + 1], keep[i:i + 1])
+            single = pruned_forward(m, x[i:i + 1], keep[i:i + 1], treatment=treatment)
             torch.testing.assert_close(pad.logits[i:i + 1], single.logits, atol=1e-5, rtol=0)
             torch.testing.assert_close(pack.pred_boxes[i:i + 1], single.pred_boxes, atol=1e-5, rtol=0)
-    # pruned patch tokens are never computed: their returned states are zeros
+            # returned states: CLS, kept patches and detection tokens as in the reference
+            k = keep[i].reshape(-1)
+            hid = pack.last_hidden_state[i]
+            if treatment == "preserve":
+                torch.testing.assert_close(hid, ref_states[i], atol=1e-5, rtol=0)
+            else:
+                ours = torch.cat([hid[:1], hid[1:25][k], hid[25:]])
+                torch.testing.assert_close(ours, torch.cat([ref_states[i][:1 + int(k.sum())],
+                                                            ref_states[i][-nd:]]), atol=1e-5, rtol=0)
     patches = pack.last_hidden_state[:, 1:25].reshape(4, 4, 6, -1)
-    assert (patches[~keep] == 0).all()
+    if treatment == "preserve":  # frozen: the final layernorm of their input embeddings
+        emb = m.vit.embeddings(x)[:, 1:25].reshape(4, 4, 6, -1)
+        torch.testing.assert_close(patches[~keep], m.vit.layernorm(emb)[~keep], atol=1e-5, rtol=0)
+    else:  # pruned patch tokens are never computed: their returned states are zeros
+        assert (patches[~keep] == 0).all()
     assert (patches[keep].abs().sum(-1) > 0).all()
     assert pack.kept.tolist() == keep.reshape(4, -1).sum(1).tolist()
 
 
-def test_pruned_forward_has_gradients_for_finetuning():
-    m = make()
+@pytest.mark.parametrize("treatment", TREATMENTS)
+def test_images_with_no_kept_patch(treatment):
+    m = make(mid=True)
+    x = torch.randn(2, 3, 64, 96)
+    for keep in (torch.zeros(2, 4, 6, dtype=torch.bool), torch.stack([torch.zeros(4, 6, dtype=torch.bool),
+                                                                      torch.ones(4, 6, dtype=torch.bool)])):
+        with torch.no_grad():
+            ref_logits, ref_boxes, _ = hf_reference(m, x, keep, treatment)
+            for layout in ("pack", "pad"):
+                out = pruned_forward(m, x, keep, layout=layout, treatment=treatment)
+                torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
+                torch.testing.assert_close(out.pred_boxes, ref_boxes, atol=1e-5, rtol=0)
+
+
+def test_treatments_differ_when_tokens_are_pruned():
+    m = make(mid=True)
+    x = torch.randn(2, 3, 64, 96)
+    keep = ragged_keep(torch.Generator().manual_seed(4), b=2)
+    with torch.no_grad():
+        outs = {t: pruned_forward(m, x, keep, return_hidden=True, treatment=t).last_hidden_state[:, 25:]
+                for t in TREATMENTS}  # detection tokens' final states (layer-normed, order 1)
+    for a, b in (("drop", "pool"), ("drop", "preserve"), ("pool", "preserve")):
+        assert (outs[a] - outs[b]).abs().max() > 1e-3, (a, b)
+    with pytest.raises(ValueError, match="treatment must be one of"):
+        pruned_forward(m, x, keep, treatment="merge")
+
+
+def test_cached_weights_follow_parameter_updates():
+    """Positions and fused q/k/v are cached without autograd: an in-place update (optimizer
+    step, load_state_dict) must be seen by the next call."""
+    m = make(mid=True)
+    x = torch.randn(1, 3, 64, 96)
+    keep = torch.rand(1, 4, 6) < 0.5
+    with torch.inference_mode():
+        pruned_forward(m, x, keep)
+    with torch.no_grad():
+        m.vit.embeddings.position_embeddings.add_(0.5)
+        m.vit.encoder.layer[0].attention.attention.key.weight.mul_(1.5)
+        m.vit.encoder.interpolation.mid_position_embeddings.add_(0.5)
+    with torch.inference_mode():
+        out = pruned_forward(m, x, keep)
+    with torch.no_grad():
+        ref_logits, _, _ = hf_reference(m, x, keep, "drop")
+    torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("treatment", TREATMENTS)
+def test_pruned_forward_has_gradients_for_finetuning(treatment):
+    m = make(mid=True)
     m.train()
     x = torch.randn(2, 3, 64, 96)
     keep = torch.rand(2, 4, 6) < 0.6
-    out = pruned_forward(m, x, keep)
+    out = pruned_forward(m, x, keep, treatment=treatment)
     (out.logits.sum() + out.pred_boxes.sum()).backward()
     assert m.vit.encoder.layer[0].attention.attention.query.weight.grad is not None
+    assert m.vit.embeddings.patch_embeddings.projection.weight.grad is not None
+    assert m.vit.encoder.interpolation.mid_position_embeddings.grad.abs().sum() > 0
 
 
 def test_load_detector_local_and_errors(tmp_path, monkeypatch):
@@ -124,3 +268,30 @@ def test_encoder_initialised_from_bavit_computes_bavits_layers():
     wide = BAViT(ModelConfig(depth=1, input_h=32, input_w=48, embed_dim=96, num_heads=2))
     with pytest.raises(BavitError, match="does not match the detector"):
         init_encoder_from_bavit(make(), wide)
+
+
+def test_flops_and_token_columns_per_treatment():
+    cfg = tiny_yolos_config("tiny")
+    d, nd = 192, 100
+    kept = np.array([100.0, 1024.0])
+    dense = detector_gflops(cfg, np.full(2, 1024), 1024)
+    for t in TREATMENTS:  # nothing pruned: every treatment is the dense model
+        assert detector_gflops(cfg, np.array([1024]), 1024, t) == pytest.approx(dense)
+    drop, pool, keep = (detector_gflops(cfg, kept, 1024, t) for t in TREATMENTS)
+    embed = 3 * 16 * 16 * d
+    # pool: one more token (and its embedding) in the image with pruned tokens, none in the other
+    extra = yolos_macs(1 + 100 + nd + 1, d, 768, 12) - yolos_macs(1 + 100 + nd, d, 768, 12) + embed
+    assert pool - drop == pytest.approx(2 * extra / 2 / 1e9)
+    # preserve: all patches embedded, per layer 2·Np·d² for K/V and Nk·Np more attention MACs
+    n, npr = 1 + 100 + nd, 924
+    extra = 924 * embed + 12 * (2 * npr * d * d + 2 * n * npr * d)
+    assert keep - drop == pytest.approx(2 * extra / 2 / 1e9)
+    s = np.array([0.5, 0.0])
+    cols = {t: token_columns(s, 1024, 12, 576, 2, with_bavit=False, treatment=t) for t in TREATMENTS}
+    assert cols["drop"]["treatment"] == "drop" and cols["drop"]["kv_only_tokens"] == 0
+    assert cols["pool"]["yolos_pruned_tokens"] == cols["drop"]["yolos_pruned_tokens"] + 12 / 2
+    assert cols["preserve"]["yolos_pruned_tokens"] == cols["drop"]["yolos_pruned_tokens"]
+    assert cols["preserve"]["kv_only_tokens"] == 12 * 1024 * 0.25
+    assert cols["preserve"]["token_reduction_pct"] == cols["drop"]["token_reduction_pct"]  # eq. 4: computed tokens
+    with pytest.raises(ValueError, match="treatment must be one of"):
+        detector_gflops(cfg, kept, 1024, "merge")

@@ -87,6 +87,28 @@ def test_finetune_bad_options(coco_synth, tmp_path):
     assert code == 1 and "cannot resume" in err
 
 
+def test_sparse_finetune_trains_and_validates_with_the_pruned_token_treatment(coco_synth, tmp_path):
+    """--pruned-tokens reaches the training forward (weights differ from drop's after the
+    same steps) and is stored for resume; a bad value is one clean error before any work."""
+    aset = open_dataset("coco", root=coco_synth, split="train2017", need_masks=True)
+    label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(96, 96, 16)), tmp_path / "l.parquet")
+    opts = dict(selector="oracle", labels=str(tmp_path / "l.parquet"), epochs=1, max_images=12, batch_size=6)
+    weights = {}
+    for t in ("drop", "pool", "preserve"):
+        r = finetune(base(coco_synth, tmp_path / t, pruned_tokens=t, **opts))
+        assert 0 < r["train_sparsity"] < 1 and "val_map" in r["rows"][0]
+        saved = json.loads((tmp_path / t / "finetune.json").read_text())["options"]
+        assert saved["pruned_tokens"] == t
+        weights[t] = read_state_dict(tmp_path / t / "last" / "model.safetensors")
+    k = "vit.encoder.layer.0.attention.attention.query.weight"
+    assert (weights["drop"][k] - weights["pool"][k]).abs().max() > 1e-6
+    assert (weights["drop"][k] - weights["preserve"][k]).abs().max() > 1e-6
+    code, _, err = run_cli("finetune", "--from-scratch", "--root", coco_synth, "--pruned-tokens", "merge",
+                           "--out", tmp_path / "bad")
+    assert (code, err.strip()) == (1, "Error: unknown --pruned-tokens 'merge'; choose one of drop, pool, preserve")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_finetune_under_torchrun_two_processes(coco_synth, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

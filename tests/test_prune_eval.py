@@ -275,3 +275,34 @@ def test_category_map_moves_ground_truth_onto_detector_ids(coco_synth):
     doc = json.loads((coco_synth / "annotations/instances_val2017.json").read_text())
     n_tri = sum(a["category_id"] == 1 for a in doc["annotations"])
     assert len(gt.getAnnIds(catIds=[5])) == n_tri and {c["name"] for c in gt.loadCats([5])} == {"triangle"}
+def test_prune_eval_rows_per_pruned_token_treatment(setup, coco_synth, tmp_path):
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "res", "--thresholds", "0.5", "--selectors", "dense,bavit,oracle",
+                          "--pruned-tokens", "drop,pool,preserve")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "res" / "results.csv")))
+    assert [(r["selector"], r["treatment"]) for r in rows] == [
+        ("dense", "drop"), ("bavit", "drop"), ("bavit", "pool"), ("bavit", "preserve"),
+        ("oracle", "drop"), ("oracle", "pool"), ("oracle", "preserve")]
+    meta = json.loads((tmp_path / "res" / "meta.json").read_text())
+    assert meta["rows"] == ["dense", "bavit_0.50", "bavit_0.50_pool", "bavit_0.50_preserve",
+                            "oracle", "oracle_pool", "oracle_preserve"]
+    for name in meta["rows"]:
+        assert (tmp_path / "res" / "detections" / f"{name}.json").is_file()
+    layers = 2  # the nano detector; 4x4 = 16 patch tokens
+    for sel in ("bavit", "oracle"):
+        drop, pool, keep = [r for r in rows if r["selector"] == sel]
+        s = float(drop["sparsity"])
+        assert 0 < s < 1 and pool["sparsity"] == drop["sparsity"] == keep["sparsity"]
+        # eq. 4 counts computed tokens: pool adds one per layer in images with pruned tokens,
+        # preserve's frozen tokens are listed apart as key/value-only
+        with_pruned = np.mean(np.array(meta["per_image_sparsity"][meta["rows"][1 if sel == "bavit" else 4]]) > 0)
+        assert float(drop["kv_only_tokens"]) == float(pool["kv_only_tokens"]) == 0
+        assert float(keep["kv_only_tokens"]) == pytest.approx(layers * 16 * s, abs=1e-3)
+        assert float(keep["yolos_pruned_tokens"]) == float(drop["yolos_pruned_tokens"])
+        assert float(pool["yolos_pruned_tokens"]) == pytest.approx(float(drop["yolos_pruned_tokens"]) + layers * with_pruned,
+                                                                abs=1e-3)
+        assert float(drop["gflops"]) < float(pool["gflops"]) < float(keep["gflops"])
+        assert float(drop["flop_speedup"]) > float(keep["flop_speedup"])
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,merge")
+    assert (code, err.strip()) == (1, "Error: unknown --pruned-tokens 'merge'; choose from drop, pool, preserve")
+    assert not (tmp_path / "bad").exists()

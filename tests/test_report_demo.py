@@ -103,3 +103,26 @@ def test_index_renders_in_a_headless_browser(demo_dir, tmp_path):
                           f"--screenshot={shot}", (out / "report" / "index.html").as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000, res.stderr[-1000:]
+
+
+def test_report_adds_the_treatment_figure_when_results_hold_several(demo_dir, tmp_path):
+    out, _ = demo_dir
+    rows = list(csv.DictReader(open(out / "results" / "results.csv")))
+    extra = []
+    for t, scale in (("pool", 1.1), ("preserve", 1.2)):
+        for r in rows:
+            if r["selector"] == "bavit":
+                extra.append(dict(r, treatment=t, map=str(float(r["map"]) * scale)))
+    (tmp_path / "res").mkdir()
+    with open(tmp_path / "res" / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows + extra)
+    code, _, err = run_cli("report", "--results", tmp_path / "res", "--out", tmp_path / "rep")
+    assert code == 0, err
+    assert (tmp_path / "rep" / "treatments.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "src='treatments.png'" in (tmp_path / "rep" / "index.html").read_text()
+    t2 = list(csv.DictReader(open(tmp_path / "rep" / "table2.csv")))
+    assert [r["treatment"] for r in t2 if r["selector"] == "bavit"] == ["drop"] * 2 + ["pool"] * 2 + ["preserve"] * 2
+    code, _, err = run_cli("report", "--results", out / "results", "--out", tmp_path / "rep1")
+    assert code == 0 and not (tmp_path / "rep1" / "treatments.png").exists()

@@ -4,39 +4,70 @@ from __future__ import annotations
 import numpy as np
 
 
+TREATMENTS = ("drop", "pool", "preserve")  # what happens to pruned tokens (detection/pruned.py)
+
+
 def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit_tokens: int, bavit_layers: int,
-                  with_bavit: bool) -> dict[str, float]:
-    """Table 2 columns, averaged over images.
+                  with_bavit: bool, treatment: str = "drop") -> dict:
+    """Table 2 columns, averaged over images, for one treatment of the pruned tokens.
 
     YOLOS tokens Ty = layers × patch tokens (12 × 1024 = 12288); BAViT tokens
     Tb = depth × its patch tokens (2 × 576 = 1152) for rows that run BAViT, else 0;
-    YOLOS pruned = Ty·(1 − s_i) for sparsity s_i; YOLOS+BAViT = pruned + Tb; reduction
-    (eq. 4, with the paper's s read as the kept share, as Table 2's numbers require) =
-    mean_i (Ty − (Tb + Ty·(1 − s_i))) / Ty.
+    YOLOS pruned = the patch tokens the layers compute: Ty·(1 − s_i) for sparsity s_i, plus
+    one pool token per layer for ``pool`` (images with anything pruned); YOLOS+BAViT =
+    pruned + Tb; reduction (eq. 4, with the paper's s read as the kept share, as Table 2's
+    numbers require) = mean_i (Ty − (Tb + pruned_i)) / Ty. Eq. 4 counts computed tokens
+    only: ``kv_only_tokens`` = layers × pruned tokens that ``preserve`` keeps as keys and
+    values (0 for drop and pool), so nothing is hidden.
     """
+    if treatment not in TREATMENTS:
+        raise ValueError(f"treatment must be one of {TREATMENTS}")
     ty = det_layers * det_patches
     tb = bavit_layers * bavit_tokens if with_bavit else 0
-    pruned = ty * (1.0 - np.asarray(sparsity, dtype=np.float64))
+    s = np.asarray(sparsity, dtype=np.float64)
+    pruned = ty * (1.0 - s)
+    kv_only = np.zeros_like(s)
+    if treatment == "pool":
+        pruned = pruned + det_layers * (s > 0)
+    elif treatment == "preserve":
+        kv_only = ty * s
     total = pruned + tb
     return {
+        "treatment": treatment,
         "bavit_tokens": float(tb),
         "yolos_tokens": float(ty),
         "yolos_pruned_tokens": float(pruned.mean()),
+        "kv_only_tokens": float(kv_only.mean()),
         "total_tokens": float(total.mean()),
         "token_reduction_pct": float(100.0 * (ty - total).mean() / ty),
     }
 
 
-def detector_gflops(config, kept: np.ndarray, n_patches: int) -> float:
-    """Mean GFLOPs (2 × MACs) per image of YOLOS keeping ``kept`` patch tokens: patch
-    embedding (all patches), encoder on 1 + kept + detection tokens, the two 3-layer heads."""
+def detector_gflops(config, kept: np.ndarray, n_patches: int, treatment: str = "drop") -> float:
+    """Mean GFLOPs (2 × MACs) per image of YOLOS keeping ``kept`` patch tokens, as the
+    pruned forward computes them: the patch embedding of the kept patches (all patches for
+    ``preserve``), the encoder on 1 + kept + detection tokens (+ the pool token for
+    ``pool``; + key/value projections of the frozen pruned tokens and attention over them
+    for ``preserve``), the two 3-layer heads."""
+    if treatment not in TREATMENTS:
+        raise ValueError(f"treatment must be one of {TREATMENTS}")
     d, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     nd = config.num_detection_tokens
     p = config.patch_size
-    n = 1 + np.asarray(kept, dtype=np.float64) + nd
-    embed = n_patches * 3 * p * p * d
+    kept = np.asarray(kept, dtype=np.float64)
+    pruned = n_patches - kept
+    n = 1 + kept + nd
+    embedded = kept
+    kv_only = 0.0
+    if treatment == "pool":
+        n = n + (pruned > 0)
+        embedded = kept + (pruned > 0)  # the pool token: one projection of the mean pixels
+    elif treatment == "preserve":
+        embedded = np.full_like(kept, n_patches)
+        kv_only = pruned
+    embed = embedded * 3 * p * p * d
     heads = nd * (2 * (d * d) + d * (config.num_labels + 1) + 2 * (d * d) + d * 4)
-    return float(np.mean(2 * (embed + yolos_macs(n, d, mlp, layers) + heads)) / 1e9)
+    return float(np.mean(2 * (embed + yolos_macs(n, d, mlp, layers, kv_only) + heads)) / 1e9)
 
 
 def bavit_gflops(cfg) -> float:
@@ -46,7 +77,9 @@ def bavit_gflops(cfg) -> float:
     return 2 * macs / 1e9
 
 
-def yolos_macs(n_tokens: float, hidden: int, mlp: int, layers: int) -> float:
-    """Encoder MACs for n tokens: per layer 4·N·d² (qkv, proj) + 2·N·d·mlp + 2·N²·d (attention).
-    With mlp = 4d this is the familiar 12·N·d² + 2·N²·d."""
-    return layers * (4 * n_tokens * hidden ** 2 + 2 * n_tokens * hidden * mlp + 2 * n_tokens ** 2 * hidden)
+def yolos_macs(n_tokens, hidden: int, mlp: int, layers: int, kv_only=0.0):
+    """Encoder MACs for N computed tokens and Np key/value-only tokens: per layer
+    4·N·d² (qkv, proj) + 2·N·d·mlp + 2·N·(N + Np)·d (attention) + 2·Np·d² (their K, V).
+    With mlp = 4d and Np = 0 this is the familiar 12·N·d² + 2·N²·d."""
+    n, npk = n_tokens, kv_only
+    return layers * (4 * n * hidden ** 2 + 2 * n * hidden * mlp + 2 * n * (n + npk) * hidden + 2 * npk * hidden ** 2)

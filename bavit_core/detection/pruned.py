@@ -1,194 +1,340 @@
 """The pruned YOLOS forward: only CLS, detection tokens and kept patch tokens are computed.
 
-The pruned forward is a small patch over transformers' own modules, in the spirit of
-ToMe: it calls YOLOS's embeddings, the Linear/LayerNorm modules of every
-``YolosLayer``, the final layernorm and the two heads, and replaces only how the token
-sequence is assembled and how attention is computed:
+The pruned forward is a small patch over transformers' own YOLOS: it uses the parameters
+of YOLOS's embeddings, of every ``YolosLayer`` (LayerNorms, query/key/value, output,
+intermediate), of the final layernorm and the two heads, YOLOS's own position-embedding
+interpolation modules, and replaces only how the token sequence is assembled and how
+attention is computed:
 
-1. ``vit.embeddings`` builds [CLS, patches, detection tokens] with their interpolated
-   position embeddings, exactly as YOLOS does.
-2. Per image, the CLS token, the detection tokens and the *kept* patch tokens are gathered
-   (in that order); pruned patch tokens go no further.
-3. Every encoder layer runs on that subset (mid-layer position embeddings, for models that
-   have them, are interpolated by YOLOS's own module and gathered the same way).
-4. Layernorm and the class/box heads run on the detection tokens as usual; the returned
-   patch-token states are zeros where tokens were pruned.
+1. Only the *kept* patches are embedded (their pixels are unfolded and multiplied by the
+   patch projection's weight); each gets the interpolated position embedding of its own
+   grid cell, and CLS and the detection tokens theirs.
+2. Per image, the sequence is [CLS, detection tokens, kept patch tokens (, pool token)].
+3. Every encoder layer runs on that sequence (mid-layer position embeddings, for models
+   that have them, are interpolated by YOLOS's own module and gathered the same way).
+4. The final layernorm and the class/box heads run on the detection tokens as usual.
 
-With nothing pruned this is the original model (tested to 1e-5). Images of a batch keep
-different numbers of tokens; two layouts are offered:
+What happens to the pruned patch tokens is the ``treatment``:
+
+* ``drop`` (the paper, default): never computed; their returned states are zeros.
+* ``pool``: one extra token per image that has pruned tokens, the mean of the pruned
+  tokens' input embeddings (patch embedding + position embedding; mid-layer position
+  embeddings likewise averaged), processed by every layer like a kept token.
+* ``preserve``: pruned tokens stay keys and values only, frozen at their input embedding:
+  in every layer they are layer-normed and projected to K and V, but get no query, no
+  attention output and no MLP. Their returned states are their input embeddings through
+  the final layernorm (as for every other returned state).
+
+With nothing pruned every treatment is the original model (tested to 1e-5). Images of a
+batch keep different numbers of tokens; two layouts are offered:
 
 * ``pack``: all images' tokens are concatenated into one (T, C) matrix for the Linear
-  layers (no padding work at all) and attention runs per image; best on CPU.
+  layers (no padding work at all); attention runs in one padded call per layer (per image
+  when torch runs single-threaded on CPU, where calls are cheap); best on CPU.
 * ``pad``: (B, L_max, C) with a key-padding mask through ``scaled_dot_product_attention``;
   one kernel call per layer, best on GPU.
+
+Without autograd (evaluation, timing) the interpolated position embeddings and the fused
+query/key/value weights are computed once and cached on the model until a parameter
+changes (tracked by tensor versions), so a call's cost shrinks with the kept tokens.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 LAYOUTS = ("pack", "pad")
+TREATMENTS = ("drop", "pool", "preserve")
 
 
 @dataclass
 class PrunedOutput:
     logits: torch.Tensor  # (B, D, num_labels + 1)
     pred_boxes: torch.Tensor  # (B, D, 4) normalised cx, cy, w, h
-    last_hidden_state: torch.Tensor | None = None  # (B, 1 + P + D, C), zeros at pruned patches
+    last_hidden_state: torch.Tensor | None = None  # (B, 1 + P + D, C); zeros at dropped/pooled patches
     kept: torch.Tensor | None = None  # (B,) kept patch tokens per image
 
 
-def _token_index(keep: torch.Tensor, n_det: int):
-    """Per image: sequence indices [CLS, det..., kept patches...] and lengths."""
-    b, p = keep.shape
-    det = torch.arange(1 + p, 1 + p + n_det, device=keep.device)
-    out = []
-    for i in range(b):
-        kept = torch.nonzero(keep[i], as_tuple=False).flatten() + 1
-        out.append(torch.cat([keep.new_zeros(1, dtype=torch.long), det, kept]))
-    return out
+def _memo(model, name: str, params, extra, make):
+    """``make()``, cached on the model while ``params`` are unchanged; recomputed whenever
+    autograd is on (training needs the graph)."""
+    if torch.is_grad_enabled():
+        return make()
+    key = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params), extra,
+           torch.is_inference_mode_enabled())
+    cache = model.__dict__.setdefault("_bavit_memo", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    val = make()
+    cache[name] = (key, val)
+    return val
 
 
-def _qkv(attn, h):
-    """Query, key and value in one GEMM (YOLOS keeps three Linear layers; their weights
-    are concatenated on the fly, which costs a 3·d² copy and keeps autograd intact)."""
-    w = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
-    b = None
-    if attn.query.bias is not None:
-        b = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])
-    return F.linear(h, w, b)
+def _layer_weights(model):
+    """Per layer: the query/key/value weights and biases concatenated into one GEMM."""
+    atts = [layer.attention.attention for layer in model.vit.encoder.layer]
+
+    def make():
+        out = []
+        for a in atts:
+            w = torch.cat([a.query.weight, a.key.weight, a.value.weight])
+            b = None if a.query.bias is None else torch.cat([a.query.bias, a.key.bias, a.value.bias])
+            out.append((w, b))
+        return out
+
+    params = [p for a in atts for p in (a.query.weight, a.key.weight, a.value.weight, a.query.bias)
+              if p is not None]
+    return _memo(model, "qkv", params, None, make)
 
 
-def _attention_pack(attn, h, lengths, heads, hd):
-    """Self-attention over packed tokens (T, C), one SDPA call per image."""
-    t = h.shape[0]
-    qkv = _qkv(attn, h).view(t, 3, heads, hd)
+def _positions(model, hw):
+    """YOLOS's interpolated position embeddings at input size ``hw``: (1 + P + D, C) and
+    the mid-layer ones (layers - 1, 1 + P + D, C) or None."""
+    emb, enc = model.vit.embeddings, model.vit.encoder
+    pos = _memo(model, "pos", [emb.position_embeddings], hw,
+                lambda: emb.interpolation(emb.position_embeddings, hw)[0])
+    mid = None
+    if model.config.use_mid_position_embeddings:
+        mid = _memo(model, "mid", [enc.interpolation.mid_position_embeddings], hw,
+                    lambda: enc.interpolation(hw)[:, 0])
+    return pos, mid
+
+
+def _patches(x, ps: int, gh: int, gw: int):
+    """View of the image as (B, gh, gw, 3·ps·ps)-shaped patches (no copy until indexed)."""
+    b, c = x.shape[:2]
+    return x[:, :, :gh * ps, :gw * ps].reshape(b, c, gh, ps, gw, ps).permute(0, 2, 4, 1, 3, 5)
+
+
+def _attend(qkv, kv_extra, lengths, extra_lengths, heads, hd, scale, p_drop):
+    """Packed attention, one SDPA call per image: queries, keys and values of the computed
+    tokens (T, 3C), and keys/values of frozen tokens (T', 2C) appended per image or None."""
+    t = qkv.shape[0]
+    c = heads * hd
+    qkv = qkv.view(t, 3, heads, hd)
+    if kv_extra is not None:
+        kv_extra = kv_extra.view(-1, 2, heads, hd)
     if len(lengths) == 1:
-        q, k, v = qkv.permute(1, 2, 0, 3)[:, None].unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
-        return o[0].transpose(0, 1).reshape(t, heads * hd)
-    out = h.new_empty(t, heads * hd)
-    start = 0
-    for n in lengths:
-        q, k, v = qkv[start:start + n].permute(1, 2, 0, 3)[:, None].unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
-        out[start:start + n] = o[0].transpose(0, 1).reshape(n, heads * hd)
-        start += n
-    return out
+        pieces = [(0, t, 0, 0 if kv_extra is None else kv_extra.shape[0])]
+    else:
+        pieces, s, se = [], 0, 0
+        for n, m in zip(lengths, extra_lengths or [0] * len(lengths)):
+            pieces.append((s, n, se, m))
+            s, se = s + n, se + m
+    outs = []
+    for s, n, se, m in pieces:
+        q, k, v = qkv[s:s + n].permute(1, 2, 0, 3).unbind(0)  # (heads, n, hd) each
+        if m:
+            ke, ve = kv_extra[se:se + m].permute(1, 2, 0, 3).unbind(0)
+            k, v = torch.cat([k, ke], 1), torch.cat([v, ve], 1)
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=p_drop, scale=scale)
+        outs.append(o[0].transpose(0, 1).reshape(n, c))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _attention_pad(attn, h, mask, heads, hd):
-    """Self-attention over padded tokens (B, L, C) with a key-padding mask (B, L) or None."""
-    b, l, _ = h.shape
-    q, k, v = _qkv(attn, h).view(b, l, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+def _attend_pad(qkv, kv_extra, mask, heads, hd, scale, p_drop):
+    """Padded attention (B, L, 3C) [+ frozen keys/values (B, L', 2C)], key mask (B, L + L') or None."""
+    b, l, _ = qkv.shape
+    q, k, v = qkv.view(b, l, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    if kv_extra is not None:
+        ke, ve = kv_extra.view(b, kv_extra.shape[1], 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = torch.cat([k, ke], 2), torch.cat([v, ve], 2)
     am = None if mask is None else mask[:, None, None, :]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=attn.scaling)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p_drop, scale=scale)
     return o.transpose(1, 2).reshape(b, l, heads * hd)
 
 
-def _layer(layer, h, attend):
-    """One YolosLayer (pre-norm, two residuals) with attention computed by ``attend``."""
-    sa = layer.attention.attention
-    x = layer.layernorm_before(h)
-    a = layer.attention.output(attend(sa, x), x)
-    h = a + h
-    y = layer.intermediate(layer.layernorm_after(h))
-    return layer.output(y, h)
+def _attend_via_pad(qkv, kv_extra, dest, fdest, b, lq, lf, mask, heads, hd, scale, p_drop):
+    """Packed attention in one padded SDPA call: the packed rows are scattered into (B, L)
+    slots (``dest``; frozen keys/values into (B, L') slots ``fdest``), attended with a key
+    mask and gathered back. One kernel call per layer instead of one per image: on CPU
+    with several threads every call pays a thread wake-up that does not shrink with the
+    tokens."""
+    buf = qkv.new_zeros(b * lq, qkv.shape[1]).index_put((dest,), qkv).view(b, lq, -1)
+    kvb = None
+    if kv_extra is not None:
+        kvb = kv_extra.new_zeros(b * lf, kv_extra.shape[1]).index_put((fdest,), kv_extra).view(b, lf, -1)
+    return _attend_pad(buf, kvb, mask, heads, hd, scale, p_drop).reshape(b * lq, -1)[dest]
 
 
-def _encode(vit, h, attend, mid=None):
-    """YOLOS's encoder layers and final layernorm over ``h`` (mid-layer position embeddings
-    ``mid``, gathered like ``h``, are added after every layer but the last)."""
-    n_layers = len(vit.encoder.layer)
-    for li, layer in enumerate(vit.encoder.layer):
-        h = _layer(layer, h, attend)
-        if mid is not None and li < n_layers - 1:
+def _encode(model, h, frozen, attend, mid):
+    """YOLOS's encoder layers over the computed tokens ``h`` (frozen key/value-only tokens
+    ``frozen`` or None); mid-layer position embeddings ``mid`` are added after every layer
+    but the last."""
+    cfg = model.config
+    layers = model.vit.encoder.layer
+    c = cfg.hidden_size
+    train = model.training
+    p_hidden = cfg.hidden_dropout_prob if train else 0.0
+    for li, (layer, (wqkv, bqkv)) in enumerate(zip(layers, _layer_weights(model))):
+        ln1, ln2 = layer.layernorm_before, layer.layernorm_after
+        x = F.layer_norm(h, (c,), ln1.weight, ln1.bias, ln1.eps)
+        qkv = F.linear(x, wqkv, bqkv)
+        kv = None
+        if frozen is not None:
+            xf = F.layer_norm(frozen, (c,), ln1.weight, ln1.bias, ln1.eps)
+            kv = F.linear(xf, wqkv[c:], None if bqkv is None else bqkv[c:])
+        dense = layer.attention.output.dense
+        a = F.linear(attend(qkv, kv), dense.weight, dense.bias)
+        h = h + (F.dropout(a, p_hidden, True) if p_hidden else a)
+        y = F.layer_norm(h, (c,), ln2.weight, ln2.bias, ln2.eps)
+        y = layer.intermediate.intermediate_act_fn(F.linear(y, layer.intermediate.dense.weight,
+                                                            layer.intermediate.dense.bias))
+        y = F.linear(y, layer.output.dense.weight, layer.output.dense.bias)
+        h = h + (F.dropout(y, p_hidden, True) if p_hidden else y)
+        if mid is not None and li < len(layers) - 1:
             h = h + mid[li]
-    return vit.layernorm(h)
+    return h
 
 
 def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None = None,
-                   layout: str = "pack", return_hidden: bool = False) -> PrunedOutput:
-    """YOLOS computing only CLS, detection tokens and the patch tokens where ``keep`` is true.
+                   layout: str = "pack", return_hidden: bool = False, treatment: str = "drop") -> PrunedOutput:
+    """YOLOS computing only CLS, detection tokens and the patch tokens where ``keep`` is
+    true; the pruned patch tokens are treated as ``treatment`` says (module docstring).
 
     pixel_values: (B, 3, H, W); keep: (B, gh, gw) or (B, gh*gw) bool on the detector grid,
     or None for no pruning.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
+    if treatment not in TREATMENTS:
+        raise ValueError(f"treatment must be one of {TREATMENTS}")
     cfg = model.config
     vit = model.vit
+    emb_mod = vit.embeddings
     b, _, H, W = pixel_values.shape
-    emb = vit.embeddings(pixel_values)  # (B, 1 + P + D, C), position embeddings added
-    n_det = cfg.num_detection_tokens
-    p = emb.shape[1] - 1 - n_det
+    ps, n_det, c = cfg.patch_size, cfg.num_detection_tokens, cfg.hidden_size
+    gh, gw = H // ps, W // ps
+    p = gh * gw
+    dev = pixel_values.device
     if keep is None:
-        keep = torch.ones(b, p, dtype=torch.bool, device=emb.device)
-    keep = keep.reshape(b, -1).to(emb.device)
+        keep = torch.ones(b, p, dtype=torch.bool, device=dev)
+    keep = keep.reshape(b, -1).to(dev)
     if keep.shape[1] != p:
         raise ValueError(f"keep mask has {keep.shape[1]} tokens, the detector grid has {p}")
-    heads = cfg.num_attention_heads
-    hd = cfg.hidden_size // heads
-    idx = _token_index(keep, n_det)
-    lengths = [len(i) for i in idx]
-    mid = None
-    if cfg.use_mid_position_embeddings:
-        mid = vit.encoder.interpolation((H, W))  # (layers - 1, 1, 1 + P + D, C)
+    pos, mid = _positions(model, (H, W))
+    proj = emb_mod.patch_embeddings.projection
+    w_patch = proj.weight.reshape(c, -1)
 
-    if layout == "pack" or b == 1:
-        flat = torch.cat([emb[i, ix] for i, ix in enumerate(idx)])  # (T, C)
-        mid_g = None
-        if mid is not None:
-            mid_g = torch.cat([mid[:, 0, ix] for ix in idx], dim=1)  # (layers - 1, T, C)
-        attend = lambda sa, x: _attention_pack(sa, x, lengths, heads, hd)  # noqa: E731
-        h = _encode(vit, flat, attend, mid_g)
-        starts = np.cumsum([0] + lengths[:-1])
-        det_out = torch.stack([h[s + 1:s + 1 + n_det] for s in starts])
-        per_image = [h[s:s + n] for s, n in zip(starts, lengths)]
+    counts = keep.sum(1)
+    counts_l = counts.tolist()
+    pool = [treatment == "pool" and k < p for k in counts_l]
+    lengths = [1 + n_det + k + int(q) for k, q in zip(counts_l, pool)]
+    pad = layout == "pad" and b > 1
+    L = max(lengths)
+    total = b * L if pad else sum(lengths)
+    lens_t = torch.tensor(lengths, device=dev)
+    starts = torch.arange(b, device=dev) * L if pad else torch.cumsum(lens_t, 0) - lens_t
+
+    # kept patches: batch index, patch index, rank within the image, place in the sequence
+    bi, pi = torch.nonzero(keep, as_tuple=True)
+    first = torch.cumsum(counts, 0) - counts
+    dest_kept = starts[bi] + 1 + n_det + (torch.arange(bi.shape[0], device=dev) - first[bi])
+    spec_src = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
+                          torch.arange(1 + p, 1 + p + n_det, device=dev)])  # CLS, det in YOLOS's sequence
+    dest_spec = (starts[:, None] + torch.arange(1 + n_det, device=dev)).reshape(-1)
+
+    patches = _patches(pixel_values, ps, gh, gw)
+    if treatment == "preserve":  # every patch is needed: the projection as YOLOS runs it
+        all_emb = proj(pixel_values).flatten(2).transpose(1, 2) + pos[1:1 + p]  # (B, P, C)
+        kept_emb = all_emb[bi, pi]
     else:
-        L = max(lengths)
-        gather = torch.zeros(b, L, dtype=torch.long, device=emb.device)
-        valid = torch.zeros(b, L, dtype=torch.bool, device=emb.device)
-        for i, ix in enumerate(idx):
-            gather[i, : len(ix)] = ix
-            valid[i, : len(ix)] = True
-        h = torch.gather(emb, 1, gather[:, :, None].expand(-1, -1, emb.shape[-1]))
-        mask = None if all(n == L for n in lengths) else valid
-        mid_g = None
-        if mid is not None:
-            mid_g = mid[:, 0][:, gather]  # (layers - 1, B, L, C)
-        attend = lambda sa, x: _attention_pad(sa, x, mask, heads, hd)  # noqa: E731
-        h = _encode(vit, h, attend, mid_g)
-        det_out = h[:, 1:1 + n_det]
-        per_image = [h[i, :n] for i, n in enumerate(lengths)]
+        rows = patches[bi, pi // gw, pi % gw].reshape(bi.shape[0], w_patch.shape[1])  # (kept, 3·ps·ps) pixels
+        kept_emb = F.linear(rows, w_patch, proj.bias) + pos[1 + pi]
+    spec = torch.cat([emb_mod.cls_token[0], emb_mod.detection_tokens[0]]) + pos[spec_src]  # (1 + D, C)
 
+    h = kept_emb.new_zeros(total, c)
+    h = h.index_put((dest_spec,), spec.repeat(b, 1)).index_put((dest_kept,), kept_emb)
+    mid_g = None
+    if mid is not None:
+        mid_g = mid.new_zeros(mid.shape[0], total, c)
+        mid_g[:, dest_spec] = mid[:, spec_src].repeat(1, b, 1)
+        mid_g[:, dest_kept] = mid[:, 1 + pi]
+    if any(pool):
+        pi_img = torch.tensor([i for i, q in enumerate(pool) if q], device=dev)
+        dest_pool = starts[pi_img] + lens_t[pi_img] - 1
+        pruned_w = (~keep[pi_img]).to(h.dtype)
+        n_pruned = pruned_w.sum(1, keepdim=True)
+        pruned_w = pruned_w / n_pruned  # (n_pool, P) mean weights
+        # the embedding is affine: the mean of the pruned patches' embeddings is the embedding
+        # of their mean pixels (all pixels' sum minus the kept patches' sum)
+        pix = patches.sum((1, 2)).reshape(b, -1) - rows.new_zeros(b, rows.shape[1]).index_add(0, bi, rows)
+        pooled = F.linear(pix[pi_img] / n_pruned, w_patch, proj.bias) + pruned_w @ pos[1:1 + p]
+        h = h.index_put((dest_pool,), pooled)
+        if mid_g is not None:
+            mid_g[:, dest_pool] = torch.einsum("np,lpc->lnc", pruned_w, mid[:, 1:1 + p])
+    h = emb_mod.dropout(h)
+
+    frozen = None
+    fr_lengths = None
+    if treatment == "preserve" and any(k < p for k in counts_l):
+        fr_lengths = [p - k for k in counts_l]
+        fb, fp = torch.nonzero(~keep, as_tuple=True)
+        frozen = all_emb[fb, fp]  # (T', C) packed, per image contiguous
+        if pad:
+            lp = max(fr_lengths)
+            fl_t = torch.tensor(fr_lengths, device=dev)
+            ffirst = torch.cumsum(fl_t, 0) - fl_t
+            fdest = fb * lp + torch.arange(fb.shape[0], device=dev) - ffirst[fb]
+            frozen = frozen.new_zeros(b * lp, c).index_put((fdest,), frozen).view(b, lp, c)
+
+    heads = cfg.num_attention_heads
+    hd = c // heads
+    scale = vit.encoder.layer[0].attention.attention.scaling
+    p_drop = cfg.attention_probs_dropout_prob if model.training else 0.0
+    if pad:
+        h = h.view(b, L, c)
+        if mid_g is not None:
+            mid_g = mid_g.view(mid_g.shape[0], b, L, c)
+        ar = torch.arange(L, device=dev)
+        mask = ar[None] < lens_t[:, None]
+        if frozen is not None:
+            mask = torch.cat([mask, torch.arange(frozen.shape[1], device=dev)[None] <
+                              torch.tensor(fr_lengths, device=dev)[:, None]], 1)
+        if bool(mask.all()):
+            mask = None
+        attend = lambda qkv, kv: _attend_pad(qkv, kv, mask, heads, hd, scale, p_drop)  # noqa: E731
+    elif b > 1 and (dev.type != "cpu" or torch.get_num_threads() > 1):
+        # packed Linear layers, one padded attention call per layer
+        img = torch.repeat_interleave(torch.arange(b, device=dev), lens_t)
+        dest = img * L + torch.arange(total, device=dev) - starts[img]
+        mask = torch.arange(L, device=dev)[None] < lens_t[:, None]
+        fdest, lf = None, 0
+        if frozen is not None:
+            fl_t = torch.tensor(fr_lengths, device=dev)
+            lf = max(fr_lengths)
+            fimg = torch.repeat_interleave(torch.arange(b, device=dev), fl_t)
+            fdest = fimg * lf + torch.arange(frozen.shape[0], device=dev) - (torch.cumsum(fl_t, 0) - fl_t)[fimg]
+            mask = torch.cat([mask, torch.arange(lf, device=dev)[None] < fl_t[:, None]], 1)
+        if bool(mask.all()):
+            mask = None
+        attend = lambda qkv, kv: _attend_via_pad(qkv, kv, dest, fdest, b, L, lf, mask, heads, hd,  # noqa: E731
+                                                 scale, p_drop)
+    else:  # one image, or one thread: per-image calls cost little and pad nothing
+        attend = lambda qkv, kv: _attend(qkv, kv, lengths, fr_lengths, heads, hd, scale, p_drop)  # noqa: E731
+    h = _encode(model, h, frozen, attend, mid_g).reshape(total, c)
+
+    ln = vit.layernorm
+    det_idx = starts[:, None] + 1 + torch.arange(n_det, device=dev)
+    det_out = F.layer_norm(h[det_idx], (c,), ln.weight, ln.bias, ln.eps)
     logits = model.class_labels_classifier(det_out)
     boxes = model.bbox_predictor(det_out).sigmoid()
     hidden = None
     if return_hidden:
-        hidden = emb.new_zeros(emb.shape)
-        for i, ix in enumerate(idx):
-            hidden[i, ix] = per_image[i]
-    return PrunedOutput(logits, boxes, hidden, keep.sum(1))
+        s = 1 + p + n_det
+        hidden = h.new_zeros(b * s, c)
+        hn = F.layer_norm(h, (c,), ln.weight, ln.bias, ln.eps)
+        hidden = hidden.index_put((torch.arange(b, device=dev).repeat_interleave(1 + n_det) * s + spec_src.repeat(b),),
+                                  hn[dest_spec])
+        hidden = hidden.index_put((bi * s + 1 + pi,), hn[dest_kept])
+        if treatment == "preserve" and frozen is not None:
+            fb, fp = torch.nonzero(~keep, as_tuple=True)
+            hidden = hidden.index_put((fb * s + 1 + fp,),
+                                      F.layer_norm(all_emb[fb, fp], (c,), ln.weight, ln.bias, ln.eps))
+        hidden = hidden.view(b, s, c)
+    return PrunedOutput(logits, boxes, hidden, counts)
 
 
-def masked_reference_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor) -> PrunedOutput:
-    """Dense reference: the full sequence, with pruned patch tokens masked out as attention
-    keys in every layer. Its detection outputs must equal :func:`pruned_forward`'s."""
-    cfg = model.config
-    vit = model.vit
-    b, _, H, W = pixel_values.shape
-    emb = vit.embeddings(pixel_values)
-    n_det = cfg.num_detection_tokens
-    keep = keep.reshape(b, -1)
-    valid = torch.cat([keep.new_ones(b, 1), keep, keep.new_ones(b, n_det)], dim=1)
-    heads = cfg.num_attention_heads
-    hd = cfg.hidden_size // heads
-    mid = vit.encoder.interpolation((H, W)) if cfg.use_mid_position_embeddings else None
-    attend = lambda sa, x: _attention_pad(sa, x, valid, heads, hd)  # noqa: E731
-    h = _encode(vit, emb, attend, mid)
-    det = h[:, -n_det:]
-    return PrunedOutput(model.class_labels_classifier(det), model.bbox_predictor(det).sigmoid(), h, keep.sum(1))

@@ -19,20 +19,25 @@ from ..runtime.errors import InputFileError
 from ..runtime.fileio import atomic_dir, atomic_write_text, sha256_file
 
 CSV_COLUMNS = (
-    "selector", "threshold", "policy", "target", "sparsity", "sparsity_p10", "sparsity_p90", *STAT_NAMES,
-    "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens", "total_tokens", "token_reduction_pct", "gflops",
-    "latency_ms", "latency_spread", "throughput_ips", "dense_latency_ms", "dense_spread", "speedup",
-    "detector_speedup", "flop_speedup", "timing_noisy", "peak_mem_mb", "device", "dtype", "batch_size", "n_images",
+    "selector", "threshold", "policy", "target", "treatment", "sparsity", "sparsity_p10", "sparsity_p90",
+    *STAT_NAMES, "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens", "kv_only_tokens", "total_tokens",
+    "token_reduction_pct", "gflops", "latency_ms", "latency_spread", "throughput_ips", "dense_latency_ms",
+    "dense_spread", "speedup", "detector_speedup", "flop_speedup", "timing_noisy", "peak_mem_mb", "device", "dtype",
+    "batch_size", "n_images",
 )
-TEXT_COLUMNS = ("selector", "policy", "device", "dtype")
+TEXT_COLUMNS = ("selector", "policy", "treatment", "device", "dtype")
 
 
-def row_name(sel: str, t: float, target: float = float("nan"), policy: str = "threshold") -> str:
+def row_name(sel: str, t: float, target: float = float("nan"), policy: str = "threshold",
+             treatment: str = "drop") -> str:
     """A row's file name stem: ``bavit_0.30`` at a threshold, ``bavit_s0.35`` at a target
-    sparsity (``bavit_topk_s0.35`` with the topk policy), ``dense``."""
+    sparsity (``bavit_topk_s0.35`` with the topk policy), ``dense``; suffixed ``_pool`` or
+    ``_preserve`` for those treatments of the pruned tokens."""
     if not math.isnan(target):
-        return f"{sel}_{'topk_' if policy == 'topk' else ''}s{target:.2f}"
-    return sel if math.isnan(t) else f"{sel}_{t:.2f}"
+        name = f"{sel}_{'topk_' if policy == 'topk' else ''}s{target:.2f}"
+    else:
+        name = sel if math.isnan(t) else f"{sel}_{t:.2f}"
+    return name if treatment == "drop" else f"{name}_{treatment}"
 
 
 def write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavit, layout, seconds, run_info=None):
@@ -88,6 +93,7 @@ def read_results(results_dir) -> list[dict]:
     with open(p) as f:
         rows = list(csv.DictReader(f))
     for r in rows:
+        r.setdefault("treatment", "drop")  # results written before treatments existed
         if "timing_noisy" in r:
             r["timing_noisy"] = r["timing_noisy"] == "True"
         for k, v in r.items():

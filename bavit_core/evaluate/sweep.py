@@ -27,7 +27,7 @@ from ..data.images import decode_once, resolve_paths, to_input
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
 from ..detection.cocoeval import (category_map_for, coco_ground_truth, detections_from_outputs,
                                   evaluate_detections, read_category_map)
-from ..detection.pruned import LAYOUTS, pruned_forward
+from ..detection.pruned import LAYOUTS, TREATMENTS, pruned_forward
 from ..detection.selection import (POLICIES, SELECTORS, bavit_keep, bavit_priority, dense_keep, oracle_keep,
                                    oracle_priority, random_keep, select_target, sparsity_stats)
 from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, detector_input_size, load_detector
@@ -110,6 +110,7 @@ class PruneEvalOptions:
     device: str = "auto"
     seed: int = 0
     out: str = "results"
+    pruned_tokens: list[str] = field(default_factory=lambda: ["drop"])  # treatments of pruned tokens
     runtime: str = "torch"  # or "onnx": BAViT and the detector run from --exported graphs in ONNX Runtime
     exported: str | None = None
 
@@ -122,10 +123,18 @@ class Row:
     detections: list = field(default_factory=list)
     policy: str = "threshold"
     target: float = float("nan")  # target mean sparsity (NaN: a threshold row or dense/oracle as labelled)
+    treatment: str = "drop"  # what happens to the pruned tokens (detection/pruned.py)
 
     @property
     def name(self) -> str:
-        return row_name(self.selector, self.threshold, self.target, self.policy)
+        return row_name(self.selector, self.threshold, self.target, self.policy, self.treatment)
+
+
+def _per_treatment(rows: list[Row], treatments: list[str]) -> list[Row]:
+    """Every row that prunes, once per treatment of the pruned tokens (the dense row once:
+    with nothing pruned every treatment is the dense model)."""
+    return [Row(r.selector, r.threshold, r.keep, policy=r.policy, target=r.target, treatment=t)
+            for r in rows for t in (["drop"] if r.selector == "dense" else treatments)]
 
 
 def _selectors(opts: PruneEvalOptions) -> list[str]:
@@ -160,6 +169,13 @@ def _check_options(opts: PruneEvalOptions) -> None:
                               "BAViT's probabilities directly)")
         if not opts.sparsities:
             raise OptionError("--sparsities is empty")
+    treatments = list(dict.fromkeys(opts.pruned_tokens))
+    bad = [t for t in treatments if t not in TREATMENTS]
+    if bad or not treatments:
+        raise OptionError(f"unknown --pruned-tokens {bad[0] if bad else ''!r}; choose from {', '.join(TREATMENTS)}")
+    if opts.runtime == "onnx" and treatments != ["drop"]:
+        raise OptionError("--runtime onnx evaluates the exported graphs, which drop pruned tokens: "
+                          "use --pruned-tokens drop")
 
 
 def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | None = None,
@@ -251,7 +267,8 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         n_timed = 0  # ORT timing: examples/benchmarks/bench_onnx.py
     bav_timed = None if bavit is None else stores[1][:n_timed]  # the BAViT inputs evaluation saw
 
-    rows = _build_rows(opts, selectors, n, dgrid, probs, oracle_prio)
+    rows = _per_treatment(_build_rows(opts, selectors, n, dgrid, probs, oracle_prio),
+                          list(dict.fromkeys(opts.pruned_tokens)))
 
     # ---- detections per row (per shard, gathered in image order) ----------------------------
     stage("detecting")
@@ -260,7 +277,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     def detect_shard():
         return [_detect(det, row.keep[mine] if row.selector != "dense" else None, det_u8, ids[mine], widths[mine],
                         heights[mine], opts.batch_size, device, dtype, layout,
-                        lambda a: tick(a, len(mine) * len(rows)), onnx_rt) for row in rows]
+                        lambda a: tick(a, len(mine) * len(rows)), onnx_rt, row.treatment) for row in rows]
 
     per_rank = dist.run_shard(detect_shard)
     for k, row in enumerate(rows):
@@ -285,8 +302,9 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         r.update(sparsity_stats(row.keep))
         r.update(evaluate_detections(gt, row.detections, ids))
         r.update(token_columns(sparsity_i, n_patches, det.config.num_hidden_layers,
-                               bavit.cfg.n_tokens if bavit else 0, bavit.cfg.depth if bavit else 0, with_bavit))
-        g = detector_gflops(det.config, kept_i, n_patches)
+                               bavit.cfg.n_tokens if bavit else 0, bavit.cfg.depth if bavit else 0, with_bavit,
+                               row.treatment))
+        g = detector_gflops(det.config, kept_i, n_patches, row.treatment)
         if with_bavit:
             g += bavit_gflops(bavit.cfg)
         r["gflops"] = g
@@ -352,7 +370,7 @@ def _autocast(device, dtype) -> dict:
 
 
 def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, layout, tick,
-            onnx_rt=None) -> list[dict]:
+            onnx_rt=None, treatment="drop") -> list[dict]:
     """One row's detections over every image (``keep`` None: dense); ``onnx_rt``: run the
     exported detector graph in ONNX Runtime instead of the PyTorch forward."""
     out_dets = []
@@ -368,7 +386,7 @@ def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, 
                 logits, boxes = onnx_rt.detect(x, k)
             else:
                 with torch.autocast(**_autocast(device, dtype)):
-                    out = pruned_forward(det, x, k, layout=layout)
+                    out = pruned_forward(det, x, k, layout=layout, treatment=treatment)
                 logits, boxes = out.logits, out.pred_boxes
             out_dets += detections_from_outputs(logits, boxes, ids[sl], widths[sl], heights[sl])
             tick(sl.stop - sl.start)
@@ -430,8 +448,8 @@ def _time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, ti
         if row.selector == "dense":
             continue
         keeps[k] = [torch.as_tensor(row.keep[s:min(s + bs, n_t)], device=device) for s in range(0, n_t, bs)]
-        fns[f"row{k}"] = lambda ks=keeps[k]: _pruned(det, xs, ks, layout, ac)
-        warm[f"row{k}"] = lambda ks=keeps[k]: _pruned(det, xs[:1], ks[:1], layout, ac)
+        fns[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs, ks, layout, ac, t)
+        warm[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs[:1], ks[:1], layout, ac, t)
     total = (opts.timing_repeats + 2) * len(fns)
     samples = time_round_robin(fns, device, repeats=opts.timing_repeats, warmup=1, tick=lambda: tick(1, total),
                                warmup_fns=warm)
@@ -478,7 +496,7 @@ def _bavit(bavit, xbs, ac):
             bavit.fg_prob(xb)
 
 
-def _pruned(det, xs, keeps, layout, ac):
+def _pruned(det, xs, keeps, layout, ac, treatment="drop"):
     for x, k in zip(xs, keeps):
         with torch.autocast(**ac):
-            pruned_forward(det, x, k, layout=layout)
+            pruned_forward(det, x, k, layout=layout, treatment=treatment)

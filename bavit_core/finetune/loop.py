@@ -89,7 +89,7 @@ def _lr_factor(opts: FinetuneOptions, step: int, steps_per_epoch: int) -> float:
 
 
 @torch.no_grad()
-def evaluate_map(model, data: FinetuneData, gt, batch_size, device, dist: Dist) -> dict:
+def evaluate_map(model, data: FinetuneData, gt, batch_size, device, dist: Dist, treatment: str = "drop") -> dict:
     model.eval()
     dets = []
     idx = np.arange(len(data.ids))[dist.rank::dist.world]
@@ -97,7 +97,7 @@ def evaluate_map(model, data: FinetuneData, gt, batch_size, device, dist: Dist) 
         b = idx[s:s + batch_size]
         x = to_input(data.images[b], IMAGE_MEAN, IMAGE_STD, device)
         keep = None if data.keep is None else torch.as_tensor(data.keep[b], device=device)
-        out = pruned_forward(model, x, keep)
+        out = pruned_forward(model, x, keep, treatment=treatment)
         dets += detections_from_outputs(out.logits, out.pred_boxes, data.ids[b], data.widths[b], data.heights[b])
     if dist.enabled:
         gathered = [None] * dist.world
@@ -307,7 +307,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
             b = mine[s:s + opts.batch_size]
             x, keep, targets = make_batch(train, b, flips, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                o = pruned_forward(model, x, keep, return_hidden=opts.dense_aux > 0)
+                o = pruned_forward(model, x, keep, return_hidden=opts.dense_aux > 0, treatment=opts.pruned_tokens)
             loss, parts, _ = model.loss_function(o.logits.float(), targets, device, o.pred_boxes.float(),
                                                  model.config, None, None)
             aux = torch.zeros((), device=device)
@@ -334,7 +334,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
         if opts.dense_aux > 0:
             row["train_loss_dense_aux"] = tot[4] / tot[5]
         if val is not None:
-            row.update({f"val_{k}": v for k, v in evaluate_map(model, val, gt, opts.batch_size, device, dist).items()})
+            row.update({f"val_{k}": v for k, v in evaluate_map(model, val, gt, opts.batch_size, device, dist, opts.pruned_tokens).items()})
         row["seconds"] = time.perf_counter() - t0
         row["images_per_s"] = n / row["seconds"]
         score = row.get("val_map", -row["train_loss"])

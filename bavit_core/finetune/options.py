@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..detection.pruned import TREATMENTS
 from ..runtime.errors import OptionError
 
 SELECTORS = ("none", "oracle", "bavit")
@@ -30,6 +31,7 @@ class FinetuneOptions:
     model: str | None = None
     threshold: float = 0.5
     resample: str = "nearest"
+    pruned_tokens: str = "drop"  # treatment of pruned tokens in training and validation (detection/pruned.py)
     epochs: int | None = 30  # None on resume: keep the run's own
     batch_size: int = 8
     lr: float = 1e-4
@@ -65,6 +67,8 @@ class FinetuneOptions:
             raise OptionError("--epochs, --batch-size and --lr must be positive")
         if self.schedule not in ("cosine", "step"):
             raise OptionError("--schedule must be cosine or step")
+        if self.pruned_tokens not in TREATMENTS:
+            raise OptionError(f"unknown --pruned-tokens {self.pruned_tokens!r}; choose one of {', '.join(TREATMENTS)}")
         if not 0.0 <= self.threshold <= 1.0:
             raise OptionError(f"--threshold must be in [0, 1], got {self.threshold}")
         self._validate_ranges()

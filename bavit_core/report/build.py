@@ -107,6 +107,7 @@ def table2_details(rows: list[dict]) -> list[dict]:
             "throughput img/s": _fmt(r["throughput_ips"], 1),
             "peak mem MB": _fmt(r["peak_mem_mb"], 1),
             "timing": "noisy" if r.get("timing_noisy") else ("-" if _nan(r["latency_ms"]) else "ok"),
+            "treatment": r.get("treatment", "drop"),
         })
     return out
 
@@ -264,14 +265,15 @@ def _build_report(inp: ReportInputs, progress=None) -> dict:
     notes: dict[str, str] = {}
     greys: dict[str, list[bool]] = {}
     if inp.results:
-        rows = read_results(inp.results)
+        res_rows = read_results(inp.results)
+        rows = [r for r in res_rows if r["treatment"] == "drop"]  # other treatments: their own figure
         mp = Path(inp.results) / "meta.json"
         meta = json.loads(mp.read_text()) if mp.is_file() else {}
         f_rows = []
         if inp.finetuned_results:
             f_rows = [dict(r, model="BAViT+YOLOS-F") for r in read_results(inp.finetuned_results)
                       if r["selector"] == "bavit"]
-        all_rows = rows + f_rows
+        all_rows = res_rows + f_rows
         t2, t2d = table2(all_rows), table2_details(all_rows)
         atomic_write_text(out / "table2.csv", _csv(t2))
         atomic_write_text(out / "table2.md", _markdown(t2))
@@ -293,6 +295,11 @@ def _build_report(inp: ReportInputs, progress=None) -> dict:
         figures.reduction_vs_map(rows, out / "reduction_vs_map.png")
         figs.append(("reduction_vs_map.png", "Token reduction vs mAP",
                      "Paper eq. 4: reduction counts BAViT's own tokens, so light pruning can be a net increase."))
+        if len({r["treatment"] for r in res_rows if r["selector"] == "bavit"}) > 1:
+            figures.treatments(res_rows, out / "treatments.png")
+            figs.append(("treatments.png", "What happens to pruned tokens",
+                         "BAViT rows per treatment of the pruned tokens (drop: the paper; pool: one mean token; "
+                         "preserve: frozen keys/values): mAP, and measured end-to-end speedup beside each one's FLOP ideal."))
         per = meta.get("per_image_sparsity", {})
         pick = {k: v for k, v in per.items() if k.startswith("bavit_")}
         if pick:

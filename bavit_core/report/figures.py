@@ -251,3 +251,35 @@ def detections(images, dets_a, dets_b, names: tuple[str, str], grids_b, path: Pa
                 ax.set_title(name, fontsize=9, loc="left")
     fig.suptitle(f"Detections (score ≥ {score_min})")
     return _save(fig, path)
+
+
+TREATMENT_COLORS = {"drop": "#d62728", "pool": "#9467bd", "preserve": "#17becf"}
+
+
+def treatments(rows, path: Path, selector: str = "bavit") -> Path:
+    """What happens to pruned tokens: mAP vs sparsity with one line per treatment (drop,
+    pool, preserve) for ``selector``'s rows, and each treatment's measured end-to-end
+    speedup beside its own FLOP-ideal (rows' ``speedup`` and ``flop_speedup``)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    groups = {}
+    for r in rows:
+        if r["selector"] == selector:
+            groups.setdefault(r.get("treatment", "drop"), []).append(r)
+    dense = [r for r in rows if r["selector"] == "dense"]
+    for t, rs in groups.items():
+        rs.sort(key=lambda r: r["sparsity"])
+        xs = [100 * r["sparsity"] for r in rs]
+        c = TREATMENT_COLORS.get(t)
+        a.plot(xs, [r["map"] for r in rs], "o-", color=c, label=t)
+        b.plot(xs, [r["speedup"] for r in rs], "o-", color=c, label=f"{t}: measured")
+        b.plot(xs, [r["flop_speedup"] for r in rs], ":", color=c, alpha=0.8, label=f"{t}: FLOP-ideal")
+    if dense:
+        a.axhline(dense[0]["map"], color=COLORS["dense"], ls="--", label=f"{LABELS['dense']} ({dense[0]['map']:.3f})")
+    b.axhline(1.0, color=COLORS["dense"], ls="--", lw=1)
+    a.set_xlabel("sparsity (% of patch tokens pruned)"), a.set_ylabel("mAP@[.5:.95]")
+    a.set_title(f"Pruned tokens: accuracy ({LABELS.get(selector, selector)})", fontsize=9)
+    b.set_xlabel("sparsity (% of patch tokens pruned)"), b.set_ylabel("speedup over dense YOLOS (x)")
+    b.set_title("Pruned tokens: end-to-end speed vs each one's FLOP ideal", fontsize=9)
+    a.legend(fontsize=8), b.legend(fontsize=7)
+    return _save(fig, path)

@@ -952,7 +952,7 @@ def test_class11_warnings_never_come_before_the_error_line(env, tmp_path, monkey
 
 def test_class11_help_and_label_do_not_import_torch(env, tmp_path):
     code = ("import sys; from typer.testing import CliRunner; from bavit_cli.main import app; "
-            f"r = CliRunner().invoke(app, sys.argv[1:]); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(app, sys.argv[1:]); assert r.exit_code == 0, r.output; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     envv = dict(os.environ, PYTHONPATH=str(ROOT))
     for args in (["--help"], ["label", "--ann", str(env["ann"]), "--images", str(env["imgs"]),

@@ -128,7 +128,7 @@ def test_cli_says_how_to_resume_after_ctrl_c_and_from_which_epoch(labels, tmp_pa
     import bavit_core.bavit.train as T
 
     out = tmp_path / "run"
-    real = T._RunFiles.commit
+    real = T.RunFiles.commit
     n = []
 
     def commit(self, *a, **k):
@@ -137,12 +137,12 @@ def test_cli_says_how_to_resume_after_ctrl_c_and_from_which_epoch(labels, tmp_pa
         if len(n) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(T._RunFiles, "commit", commit)
+    monkeypatch.setattr(T.RunFiles, "commit", commit)
     code, _, err = run_cli("train", "--labels", labels / "train2017.parquet", "--depth", "1", "--epochs", "3",
                            "--batch-size", "8", "--out", out)
     assert code == 130
     assert err.strip().endswith(f"Interrupted; no output was left half-written. Resume with: bavit train --out {out} --resume")
-    monkeypatch.setattr(T._RunFiles, "commit", real)
+    monkeypatch.setattr(T.RunFiles, "commit", real)
     code, _, err = run_cli("train", "--resume", "--out", out)
     assert code == 0, err
     assert f"Resuming {out} from epoch 3 of 3." in err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,19 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
 from ..data.images import load_images, resolve_paths, to_input
 from ..labels import Labels, read_labels
 from ..runtime.devices import check_device_name, resolve_device
 from ..runtime.distributed import Dist, epoch_order
 from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
-from ..runtime.fileio import atomic_path, atomic_write_text, refuse_output_over_inputs, sha256_file
+from ..runtime.fileio import refuse_output_over_inputs
 from .metrics import token_metrics
-from .model import CONFIG_FILE, LAST_FILE, MODEL_FILE, BAViT, ModelConfig, create_bavit, read_state_dict, save_weights
+from .model import CONFIG_FILE, BAViT, ModelConfig, create_bavit
+from .runfiles import (METRICS_FILE, STATE_FILE, RunFiles, check_inputs_unchanged, input_hashes, load_state,
+                       read_metrics, write_config)
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
-
+__all__ = ["METRICS_FILE", "STATE_FILE", "TrainOptions", "acc_loss", "evaluate", "load_split", "read_metrics",
+           "train_bavit"]
 
 @dataclass
 class TrainOptions:
@@ -192,19 +192,6 @@ def _resume_state(out: Path):
     return doc
 
 
-def _load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or a pickle that is not plain weights
-        raise InputFileError(path, f"unreadable training state ({type(exc).__name__}); "
-                             "resume is impossible, start again with --overwrite") from None
-    need = ("epoch", "best", "optimizer", "scheduler", "model", "rows")
-    if not isinstance(state, dict) or any(k not in state for k in need):
-        raise InputFileError(path, "training state without epoch/optimizer/model (written by an older bavit?); "
-                             "start again with --overwrite")
-    return state
-
-
 def _input_paths(opts: TrainOptions) -> TrainOptions:
     """Input paths resolved absolute (a resumed run must find them from any directory)."""
     for k in ("labels", "images", "val_labels", "val_images"):
@@ -214,24 +201,6 @@ def _input_paths(opts: TrainOptions) -> TrainOptions:
     if opts.pretrained and Path(opts.pretrained).expanduser().exists():
         opts.pretrained = str(Path(opts.pretrained).expanduser().resolve())
     return opts
-
-
-def _input_hashes(opts: TrainOptions) -> dict:
-    return {k: sha256_file(getattr(opts, k)) for k in ("labels", "val_labels")
-            if getattr(opts, k) and Path(getattr(opts, k)).is_file()}
-
-
-def _check_inputs_unchanged(out: Path, doc: dict, opts: TrainOptions, force: bool) -> None:
-    saved = doc.get("inputs_sha256") or {}
-    for k, h in saved.items():
-        path = getattr(opts, k, None)
-        if not path:
-            continue
-        if not Path(path).is_file():
-            raise InputFileError(path, f"cannot resume {out}: its --{k.replace('_', '-')} file is gone")
-        if sha256_file(path) != h and not force:
-            raise InputFileError(path, f"changed since {out} started (sha256 differs); resuming would mix two "
-                                 "datasets: pass --force to resume anyway, or --overwrite to start again")
 
 
 def train_bavit(
@@ -261,7 +230,7 @@ def train_bavit(
         saved.out, saved.device, saved.workers = str(out), opts.device, opts.workers
         opts = saved
         opts.validate()
-        _check_inputs_unchanged(out, doc, opts, force)
+        check_inputs_unchanged(out, doc, opts, force)
     else:
         opts.validate()
         opts = _input_paths(opts)
@@ -321,9 +290,9 @@ def _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume=No
     amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     start_epoch, best, best_epoch = 0, -1.0, -1
     rows: list[dict] = []
-    run = _RunFiles(out, dist.main)
+    run = RunFiles(out, dist.main)
     if resume:
-        state = _load_state(out / STATE_FILE)
+        state = load_state(out / STATE_FILE)
         try:
             model.load_state_dict(state["model"])
             optim.load_state_dict(state["optimizer"])
@@ -340,9 +309,9 @@ def _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume=No
         if on_resume:
             on_resume(start_epoch + 1, opts.epochs)
     else:
-        run.config = lambda: _write_config(out, opts, cfg, lab_meta, info, len(train_split.grids),
+        run.config = lambda: write_config(out, opts, cfg, lab_meta, info, len(train_split.grids),
                                            0 if val_split is None else len(val_split.grids), dist.world,
-                                           _input_hashes(opts))
+                                           input_hashes(opts))
     dist.barrier()
 
     for epoch in range(start_epoch, opts.epochs):
@@ -395,73 +364,3 @@ def _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume=No
             "pretrained": cfg.pretrained, "world_size": dist.world}
 
 
-class _RunFiles:
-    """The run directory's files, written so that a kill anywhere leaves a resumable run.
-
-    ``state.pt`` is the commit point: it holds everything resume needs (last weights,
-    optimizer, scheduler, RNG, metric rows, best epoch) and is written first, atomically.
-    ``last.safetensors``, ``model.safetensors`` (best) and ``metrics.jsonl`` are derived
-    from it afterwards; a resume rewrites them from the state, so whether a kill lands
-    before, inside or after any of these writes, the resumed run equals the uninterrupted
-    one bitwise. A fresh run creates its directory (and config.json) at its first commit:
-    a run that fails before its first epoch leaves nothing behind.
-    """
-
-    def __init__(self, out: Path, main: bool):
-        self.out, self.main, self.config = out, main, None
-
-    def commit(self, model, optim, sched, epoch, best, best_epoch, rows):
-        out = self.out
-        if self.config is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            for f in (STATE_FILE, MODEL_FILE, LAST_FILE, METRICS_FILE, CONFIG_FILE):  # --overwrite
-                (out / f).unlink(missing_ok=True)
-            self.config()
-            self.config = None
-        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        with atomic_path(out / STATE_FILE) as tmp:
-            torch.save({"epoch": epoch, "best": best, "best_epoch": best_epoch, "optimizer": optim.state_dict(),
-                        "scheduler": sched.state_dict(), "model": sd, "rows": rows,
-                        "torch_rng": torch.get_rng_state()}, tmp)
-        self.restore(model, rows, epoch, best_epoch)
-
-    def restore(self, model, rows, epoch, best_epoch):
-        """(Re)write the files derived from the state of ``epoch``."""
-        if best_epoch == epoch:
-            save_weights(model, self.out / MODEL_FILE, {"epoch": epoch, "score": rows[-1].get(
-                "val_accuracy", rows[-1].get("train_accuracy"))})
-        save_weights(model, self.out / LAST_FILE, {"epoch": epoch})
-        _write_rows(self.out, rows)
-
-
-def _write_config(out, opts, cfg, lab_meta, info, n_train, n_val, world, hashes=None):
-    doc = {
-        "bavit_version": __version__,
-        "torch_version": torch.__version__,
-        "model": asdict(cfg),
-        "init": f"pretrained from {cfg.pretrained}" if cfg.pretrained else "random init (no --pretrained given)",
-        "train": asdict(opts),
-        "labels_meta": {k: lab_meta.get(k) for k in ("format", "dataset", "options", "threshold", "comparison",
-                                                    "source_sha256", "images_dir")},
-        "data": {"train_images": n_train, "val_images": n_val, "missing_images": info["missing_images"],
-                 "world_size": world},
-        "inputs_sha256": hashes or {},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    atomic_write_text(out / CONFIG_FILE, json.dumps(doc, indent=2, default=str))
-
-
-def _read_rows(out: Path) -> list[dict]:
-    p = out / METRICS_FILE
-    if not p.is_file():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
-
-
-def _write_rows(out: Path, rows: list[dict]) -> None:
-    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_metrics(run: str | Path) -> list[dict]:
-    """The per-epoch rows of a run's metrics.jsonl."""
-    return _read_rows(Path(run))

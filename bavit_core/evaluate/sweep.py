@@ -10,8 +10,6 @@ image and its probabilities serve every operating point.
 """
 from __future__ import annotations
 
-import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,92 +25,22 @@ from ..data.images import decode_once, resolve_paths, to_input
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
 from ..detection.cocoeval import (category_map_for, coco_ground_truth, detections_from_outputs,
                                   evaluate_detections, read_category_map)
-from ..detection.pruned import LAYOUTS, TREATMENTS, pruned_forward
-from ..detection.selection import (POLICIES, SELECTORS, bavit_keep, bavit_priority, dense_keep, oracle_keep,
-                                   oracle_priority, random_keep, select_target, sparsity_stats)
+from ..detection.pruned import LAYOUTS, pruned_forward
+from ..detection.selection import (bavit_keep, bavit_priority, dense_keep, oracle_keep, oracle_priority, random_keep,
+                                   select_target, sparsity_stats)
 from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, detector_input_size, load_detector
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist
 from ..runtime.errors import InputFileError, OptionError
 from .results import CSV_COLUMNS, read_results, row_name, write_results
-from .timing import NOISY_SPREAD, drift, machine_load, peak_memory_mb, spread, time_round_robin
+from .options import PruneEvalOptions, check_options, parse_sparsities, parse_thresholds, selectors_for
+from .speed import autocast_args, device_name, time_rows
+from .timing import machine_load
 
 __all__ = ["CSV_COLUMNS", "PruneEvalOptions", "STAGES", "parse_sparsities", "parse_thresholds", "prune_eval",
            "read_results"]
 
 STAGES = ("loading", "decoding", "BAViT", "detecting", "timing", "COCOeval")
-
-
-def _parse_range(text: str, option: str, default_step: float = 0.1) -> list[float]:
-    s = str(text).strip()
-    try:
-        if ":" in s:
-            parts = [float(v) for v in s.split(":")]
-            if len(parts) not in (2, 3):
-                raise ValueError
-            start, stop = parts[0], parts[1]
-            step = parts[2] if len(parts) == 3 else default_step
-            if step <= 0:
-                raise OptionError(f"{option} {text!r}: the step must be positive")
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
-            vals = [round(start + k * step, 10) for k in range(max(n, 0))]
-        else:
-            vals = [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise OptionError(f"cannot read {option} {text!r}: use start:stop[:step] or a,b,c") from None
-    if not vals:
-        raise OptionError(f"{option} {text!r} is an empty range")
-    return sorted(set(vals))
-
-
-def parse_thresholds(text: str) -> list[float]:
-    """``start:stop[:step]`` (inclusive, default step 0.1) or ``a,b,c``; values in [0, 1]."""
-    vals = _parse_range(text, "--thresholds")
-    bad = [v for v in vals if not 0.0 <= v <= 1.0]
-    if bad:
-        raise OptionError(f"--thresholds must lie in [0, 1]; got {bad[0]}")
-    return vals
-
-
-def parse_sparsities(text: str) -> list[float]:
-    """Target mean sparsities: ``start:stop[:step]`` or ``a,b,c``; values in [0, 1)."""
-    vals = _parse_range(text, "--sparsities")
-    bad = [v for v in vals if not (0.0 <= v < 1.0)]
-    if bad:
-        raise OptionError(f"--sparsities must lie in [0, 1); got {bad[0]}")
-    return vals
-
-
-@dataclass
-class PruneEvalOptions:
-    detector: str
-    dataset: str = "coco"
-    root: str | None = None
-    split: str | None = None
-    ann: str | None = None
-    images: str | None = None
-    model: str | None = None
-    labels: str | None = None
-    thresholds: list[float] = field(default_factory=lambda: [0.5])
-    sparsities: list[float] | None = None  # target mean sparsities (instead of thresholds)
-    policy: str = "threshold"  # how a target is reached: threshold (dynamic) or topk (fixed rate)
-    selectors: list[str] | None = None
-    category_map: str | None = None  # JSON {dataset class name: detector class name}
-    batch_size: int = 1
-    detector_size: tuple[int, int] | None = None  # None: the detector's configured image_size
-    resample: str = "nearest"
-    postprocess_steps: int = 0
-    layout: str | None = None
-    timing_images: int = 8
-    timing_repeats: int = 3
-    max_images: int | None = None
-    dtype: str = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    out: str = "results"
-    pruned_tokens: list[str] = field(default_factory=lambda: ["drop"])  # treatments of pruned tokens
-    runtime: str = "torch"  # or "onnx": BAViT and the detector run from --exported graphs in ONNX Runtime
-    exported: str | None = None
 
 
 @dataclass
@@ -137,47 +65,6 @@ def _per_treatment(rows: list[Row], treatments: list[str]) -> list[Row]:
             for r in rows for t in (["drop"] if r.selector == "dense" else treatments)]
 
 
-def _selectors(opts: PruneEvalOptions) -> list[str]:
-    allowed = ["dense"]
-    if opts.model:
-        allowed += ["bavit", "random"]
-    if opts.labels:
-        allowed.append("oracle")
-    if opts.selectors is None:
-        return [s for s in SELECTORS if s in allowed]
-    for s in opts.selectors:
-        if s not in SELECTORS:
-            raise OptionError(f"unknown selector {s!r}; choose from {', '.join(SELECTORS)}")
-        if s not in allowed:
-            need = "--labels" if s == "oracle" else "--model"
-            raise OptionError(f"selector {s!r} needs {need}")
-    return list(dict.fromkeys(opts.selectors))
-
-
-def _check_options(opts: PruneEvalOptions) -> None:
-    if opts.batch_size < 1:
-        raise OptionError("--batch-size must be at least 1")
-    if opts.postprocess_steps < 0:
-        raise OptionError("--postprocess-steps must be >= 0")
-    if opts.dtype not in ("fp32", "bf16", "fp16"):
-        raise OptionError("--dtype must be fp32, bf16 or fp16")
-    if opts.policy not in POLICIES:
-        raise OptionError(f"--policy must be one of {', '.join(POLICIES)}")
-    if opts.sparsities is not None:
-        if opts.postprocess_steps:
-            raise OptionError("--postprocess-steps works with --thresholds only (a target sparsity ranks "
-                              "BAViT's probabilities directly)")
-        if not opts.sparsities:
-            raise OptionError("--sparsities is empty")
-    treatments = list(dict.fromkeys(opts.pruned_tokens))
-    bad = [t for t in treatments if t not in TREATMENTS]
-    if bad or not treatments:
-        raise OptionError(f"unknown --pruned-tokens {bad[0] if bad else ''!r}; choose from {', '.join(TREATMENTS)}")
-    if opts.runtime == "onnx" and treatments != ["drop"]:
-        raise OptionError("--runtime onnx evaluates the exported graphs, which drop pruned tokens: "
-                          "use --pruned-tokens drop")
-
-
 def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | None = None,
                on_stage: Callable[[str], None] | None = None) -> dict:
     """Run the sweep and write the results directory. ``on_stage(name)`` announces each of
@@ -185,8 +72,8 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     counts the current stage's work."""
     t_start = time.perf_counter()
     load_start = machine_load()
-    _check_options(opts)
-    selectors = _selectors(opts)
+    check_options(opts)
+    selectors = selectors_for(opts)
     device = Dist.local_device(resolve_device(opts.device))
     layout = opts.layout or ("pad" if device.type == "cuda" else "pack")
     if layout not in LAYOUTS:
@@ -287,7 +174,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
 
     # ---- timing: dense, BAViT and every row, round robin -----------------------------------
     stage("timing")
-    timing, run_timing = _time_rows(det, bavit, rows, det_u8[:n_timed], bav_timed, opts, device, dtype, layout, tick)
+    timing, run_timing = time_rows(det, bavit, rows, det_u8[:n_timed], bav_timed, opts, device, dtype, layout, tick)
 
     # ---- COCOeval, tokens, FLOPs ---------------------------------------------------------
     stage("COCOeval")
@@ -310,7 +197,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         r["gflops"] = g
         r["flop_speedup"] = dense_g / g
         r.update(timing[k])
-        r.update(device=_device_name(device), dtype=opts.dtype, batch_size=opts.batch_size, n_images=n)
+        r.update(device=device_name(device), dtype=opts.dtype, batch_size=opts.batch_size, n_images=n)
         results.append(r)
         tick(1, len(rows))
     stage(None)
@@ -365,10 +252,6 @@ def _build_rows(opts, selectors, n, dgrid, probs, oracle) -> list[Row]:
     return rows
 
 
-def _autocast(device, dtype) -> dict:
-    return dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda")
-
-
 def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, layout, tick,
             onnx_rt=None, treatment="drop") -> list[dict]:
     """One row's detections over every image (``keep`` None: dense); ``onnx_rt``: run the
@@ -385,7 +268,7 @@ def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, 
             if onnx_rt is not None:
                 logits, boxes = onnx_rt.detect(x, k)
             else:
-                with torch.autocast(**_autocast(device, dtype)):
+                with torch.autocast(**autocast_args(device, dtype)):
                     out = pruned_forward(det, x, k, layout=layout, treatment=treatment)
                 logits, boxes = out.logits, out.pred_boxes
             out_dets += detections_from_outputs(logits, boxes, ids[sl], widths[sl], heights[sl])
@@ -410,93 +293,3 @@ def _onnx_runtime(opts: PruneEvalOptions, det, det_hw, bavit, device):
     return ExportedModels(opts.exported, det, det_hw, bavit, str(device))
 
 
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
-
-
-NO_TIMING = {"latency_ms": float("nan"), "latency_spread": float("nan"), "throughput_ips": float("nan"),
-             "dense_latency_ms": float("nan"), "dense_spread": float("nan"), "speedup": float("nan"),
-             "detector_speedup": float("nan"), "peak_mem_mb": float("nan"), "timing_noisy": False}
-
-
-def _time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tick) -> tuple[list[dict], dict]:
-    """Dense YOLOS (once), BAViT (once, when a row uses it) and every row's pruned YOLOS on
-    the first timing images, round robin over ``timing_repeats`` rounds after one warm-up
-    round. Per row: medians per image, spreads (IQR / median) and the noisy flag; per run:
-    the dense reference's samples and drift."""
-    n_t = len(det_u8)
-    if n_t == 0 or opts.timing_repeats < 1:
-        return [dict(NO_TIMING) for _ in rows], {"dense_drift": float("nan"), "timing_seconds": 0.0}
-    t0 = time.perf_counter()
-    bs = opts.batch_size
-    ac = _autocast(device, dtype)
-    xs = [to_input(det_u8[s:s + bs], IMAGE_MEAN, IMAGE_STD, device).to(dtype) for s in range(0, n_t, bs)]
-    fns: dict[str, Callable] = {}
-    warm: dict[str, Callable] = {}  # the same work on the first batch: warm-up and memory probe
-    fns["dense"] = lambda xs=xs: _dense(det, xs, ac)
-    warm["dense"] = lambda: _dense(det, xs[:1], ac)
-    if bavit is not None and any(r.selector == "bavit" for r in rows):
-        xbs = [to_input(bav_u8[s:s + bs], bavit.cfg.mean, bavit.cfg.std, device) for s in range(0, n_t, bs)]
-        if dtype != torch.float32:
-            xbs = [xb.to(dtype) for xb in xbs]
-        fns["bavit"] = lambda: _bavit(bavit, xbs, ac)
-        warm["bavit"] = lambda: _bavit(bavit, xbs[:1], ac)
-    keeps = {}
-    for k, row in enumerate(rows):
-        if row.selector == "dense":
-            continue
-        keeps[k] = [torch.as_tensor(row.keep[s:min(s + bs, n_t)], device=device) for s in range(0, n_t, bs)]
-        fns[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs, ks, layout, ac, t)
-        warm[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs[:1], ks[:1], layout, ac, t)
-    total = (opts.timing_repeats + 2) * len(fns)
-    samples = time_round_robin(fns, device, repeats=opts.timing_repeats, warmup=1, tick=lambda: tick(1, total),
-                               warmup_fns=warm)
-    peaks = {}
-    for name, f in warm.items():
-        if name != "bavit":
-            peaks[name] = peak_memory_mb(f, device)
-        tick(1, total)
-    per_img = lambda v: np.asarray(v) / n_t  # noqa: E731
-    d = per_img(samples["dense"])
-    d_med, d_spread, d_drift = float(np.median(d)), spread(d), drift(d)
-    b = per_img(samples["bavit"]) if "bavit" in samples else None
-    out = []
-    for k, row in enumerate(rows):
-        if row.selector == "dense":
-            det_s = full = d
-        else:
-            det_s = per_img(samples[f"row{k}"])
-            full = det_s + b if (row.selector == "bavit" and b is not None) else det_s
-        lat = float(np.median(full))
-        lat_spread = spread(full)
-        noisy = bool(max(np.nan_to_num(lat_spread), np.nan_to_num(d_spread), np.nan_to_num(d_drift)) > NOISY_SPREAD)
-        out.append({
-            "latency_ms": 1000 * lat, "latency_spread": lat_spread, "throughput_ips": 1.0 / lat,
-            "dense_latency_ms": 1000 * d_med, "dense_spread": d_spread,
-            "speedup": d_med / lat, "detector_speedup": d_med / float(np.median(det_s)),
-            "peak_mem_mb": peaks.get("dense" if row.selector == "dense" else f"row{k}", float("nan")),
-            "timing_noisy": noisy,
-        })
-    run = {"dense_drift": d_drift, "dense_samples_ms": [1000 * v for v in d.tolist()],
-           "dense_peak_mem_mb": peaks.get("dense"), "timing_seconds": time.perf_counter() - t0}
-    return out, run
-
-
-def _dense(det, xs, ac):
-    for x in xs:
-        with torch.autocast(**ac):
-            det(pixel_values=x)
-
-
-def _bavit(bavit, xbs, ac):
-    for xb in xbs:
-        with torch.autocast(**ac):
-            bavit.fg_prob(xb)
-
-
-def _pruned(det, xs, keeps, layout, ac, treatment="drop"):
-    for x, k in zip(xs, keeps):
-        with torch.autocast(**ac):
-            pruned_forward(det, x, k, layout=layout, treatment=treatment)

@@ -2,10 +2,7 @@
 figures and a static index.html."""
 from __future__ import annotations
 
-import html
 import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +13,8 @@ from ..evaluate.sweep import read_results
 from ..runtime.errors import InputFileError
 from ..runtime.fileio import atomic_write_text
 from . import figures
-
-WIDE_FIGURES = ("overlay_", "sparse_images", "postprocess", "detections")
-MODEL_NAMES = {"bavit": "BAViT+YOLOS", "oracle": "Oracle+YOLOS", "random": "Random+YOLOS", "dense": "YOLOS"}
-
+from .page import _write_index
+from .tables import _csv, _fmt, _ideal, _markdown, _point, table1, table2, table2_details
 
 @dataclass
 class ReportInputs:
@@ -32,169 +27,6 @@ class ReportInputs:
     finetune_run: str | None = None
     n_examples: int = 6
     out: str = "report"
-
-
-def _fmt(v, p=2):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.{p}f}" if isinstance(v, float) else str(v)
-
-
-def _nan(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _point(r: dict) -> str:
-    """A row's operating point: the target sparsity (``topk 0.50`` for the fixed-rate
-    policy), else the BG threshold, else ``-``."""
-    if not _nan(r.get("target")):
-        return f"{'topk ' if r.get('policy') == 'topk' else ''}{r['target']:.2f}"
-    return _fmt(r["threshold"], 2)
-
-
-def _pm(v, spread, p=2) -> str:
-    return _fmt(v, p) + ("" if _nan(spread) else f" ±{100 * spread:.0f}%")
-
-
-def _speed_spread(r: dict) -> float:
-    """Relative spread of a speedup: the latency's and the dense reference's combined."""
-    a, b = r.get("latency_spread", float("nan")), r.get("dense_spread", float("nan"))
-    if _nan(a) or _nan(b):
-        return float("nan")
-    return float(math.hypot(a, b)) if r["selector"] != "dense" else float(a)
-
-
-def table2(rows: list[dict]) -> list[dict]:
-    """Table-2 style rows: the paper's columns and the measured speedup (noisy timing
-    marked *); the rest goes to :func:`table2_details`."""
-    out = []
-    for r in rows:
-        noisy = "*" if r.get("timing_noisy") else ""
-        out.append({
-            "model": r.get("model") or MODEL_NAMES.get(r["selector"], r["selector"]),
-            "selector": r["selector"],
-            "target": _point(r),
-            "sparsity %": _fmt(100 * r["sparsity"], 1),
-            "mAP": _fmt(100 * r["map"], 2),
-            "BAViT": _fmt(r["bavit_tokens"], 0),
-            "YOLOS": _fmt(r["yolos_tokens"], 0),
-            "YOLOS pruned": _fmt(r["yolos_pruned_tokens"], 0),
-            "YOLOS+BAViT": _fmt(r["total_tokens"], 0),
-            "% reduction": _fmt(r["token_reduction_pct"], 2),
-            "speedup": _pm(r["speedup"], _speed_spread(r)) + noisy,
-        })
-    return out
-
-
-def table2_details(rows: list[dict]) -> list[dict]:
-    """The secondary columns of Table 2: spread of sparsity, more AP, FLOPs, timing and memory."""
-    out = []
-    for r in rows:
-        out.append({
-            "model": r.get("model") or MODEL_NAMES.get(r["selector"], r["selector"]),
-            "target": _point(r),
-            "policy": r.get("policy", "-") if not _nan(r.get("target")) else "-",
-            "BG threshold": _fmt(r["threshold"], 3),
-            "sparsity p10–p90 %": f"{_fmt(100 * r.get('sparsity_p10', float('nan')), 1)}–"
-                                  f"{_fmt(100 * r.get('sparsity_p90', float('nan')), 1)}",
-            "AP50": _fmt(100 * r["map50"], 2),
-            "AP75": _fmt(100 * r["map75"], 2),
-            "GFLOPs": _fmt(r["gflops"], 3),
-            "FLOP speedup": _fmt(r["flop_speedup"], 2),
-            "latency ms": _pm(r["latency_ms"], r.get("latency_spread")),
-            "dense ms": _pm(r["dense_latency_ms"], r.get("dense_spread")),
-            "detector speedup": _fmt(r["detector_speedup"], 2),
-            "throughput img/s": _fmt(r["throughput_ips"], 1),
-            "peak mem MB": _fmt(r["peak_mem_mb"], 1),
-            "timing": "noisy" if r.get("timing_noisy") else ("-" if _nan(r["latency_ms"]) else "ok"),
-            "treatment": r.get("treatment", "drop"),
-        })
-    return out
-
-
-def table1(train_runs: list[str], pred: str | None) -> list[dict]:
-    """Table-1 style token accuracy: one row per training run (best val epoch) and per
-    predictions file with GT."""
-    from ..bavit.model import read_run_config
-    from ..bavit.train import read_metrics
-
-    rows = []
-    for run in train_runs:
-        cfg = read_run_config(run)
-        ms = read_metrics(run)
-        if not ms:
-            continue
-        key = "val_accuracy" if "val_accuracy" in ms[0] else "train_accuracy"
-        best = max(ms, key=lambda r: r[key])
-        pre = "val" if key.startswith("val") else "train"
-        depth = cfg["model"]["depth"]
-        rows.append({"model": {2: "BAViT-small", 10: "BAViT-large"}.get(depth, f"BAViT-d{depth}"), "depth": depth,
-                     "dataset": cfg.get("labels_meta", {}).get("dataset", "?"), "source": f"{run} ({pre}, epoch {best['epoch'] + 1})",
-                     "accuracy %": _fmt(100 * best[f"{pre}_accuracy"]), "FG recall %": _fmt(100 * best[f"{pre}_recall"]),
-                     "FG IoU %": _fmt(100 * best[f"{pre}_iou"])})
-    if pred:
-        from ..bavit.predict import read_predictions
-
-        p = read_predictions(pred)
-        m = p.meta.get("metrics")
-        if m:
-            rows.append({"model": f"BAViT-d{p.meta['model']['depth']}", "depth": p.meta["model"]["depth"],
-                         "dataset": "-", "source": str(pred), "accuracy %": _fmt(100 * m["accuracy"]),
-                         "FG recall %": _fmt(100 * m["recall"]), "FG IoU %": _fmt(100 * m["iou"])})
-    return rows
-
-
-def _csv(rows: list[dict]) -> str:
-    import csv
-    import io
-
-    if not rows:
-        return ""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
-def _markdown(rows: list[dict]) -> str:
-    if not rows:
-        return "_no rows_\n"
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _html_table(rows: list[dict], grey: list[bool] | None = None) -> str:
-    if not rows:
-        return "<p><em>no rows</em></p>"
-    cols = list(rows[0])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    grey = grey or [False] * len(rows)
-    body = "".join(("<tr class='noisy'>" if g else "<tr>") + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols)
-                   + "</tr>" for r, g in zip(rows, grey))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _ideal(meta: dict):
-    from types import SimpleNamespace
-
-    from ..detection.accounting import detector_gflops
-
-    cfg = meta.get("detector_config")
-    if not cfg:
-        return None
-    c = SimpleNamespace(**{k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                               "num_detection_tokens", "patch_size")},
-                        num_labels=len(cfg.get("id2label", {})) or 91)
-    size = meta.get("detector_size") or meta["options"]["detector_size"] or cfg.get("image_size")
-    if isinstance(size, int):
-        size = (size, size)
-    n = (size[0] // c.patch_size) * (size[1] // c.patch_size)
-    s = np.linspace(0, 0.95, 96)
-    dense = detector_gflops(c, np.array([n]), n)
-    return s, np.array([dense / detector_gflops(c, np.array([n * (1 - v)]), n) for v in s])
 
 
 def build_report(inp: ReportInputs, progress=None) -> dict:
@@ -445,43 +277,3 @@ def _detection_figure(inp, rows, meta, out) -> list:
     return [("detections.png", "Detections at two sparsities", "Boxes with score ≥ 0.5 from dense YOLOS and from the sparsest BAViT row.")]
 
 
-CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
-h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
-table{border-collapse:collapse;font-size:.8rem;margin:.5rem 0;display:block;overflow-x:auto}
-th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right;white-space:nowrap}th{background:#f4f4f4}
-tr:nth-child(even) td{background:#fafafa}.figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:1.2rem}
-figure{margin:0;border:1px solid #eee;padding:.6rem;border-radius:6px}figure img{width:100%}figcaption{font-size:.8rem;color:#555}figure.wide{grid-column:1/-1}
-.meta{font-size:.8rem;color:#666}.note{font-size:.8rem;color:#555;max-width:60rem}
-tr.noisy td{color:#999;background:#f0f0f0}"""
-
-
-def _write_index(out: Path, tables: dict, figs: list, inp: ReportInputs, meta: dict, notes=None, greys=None) -> None:
-    from .. import __version__
-
-    notes, greys = notes or {}, greys or {}
-    opts = meta.get("options", {})
-    what = ""
-    if meta:
-        data = opts.get("root") or opts.get("ann") or "-"
-        split = f" / {opts['split']}" if opts.get("split") else ""
-        size = meta.get("detector_size") or opts.get("detector_size")
-        what = (f" · detector: {html.escape(str(opts.get('detector', '-')))}"
-                f"{' at ' + 'x'.join(map(str, size)) if size else ''}"
-                f" · dataset: {html.escape(str(meta.get('dataset', '-')))} {html.escape(str(data))}{html.escape(split)}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bavit report</title><style>{CSS}</style></head><body>",
-             "<h1>BAViT token pruning report</h1>",
-             f"<p class='meta'>bavit {__version__} · {time.strftime('%Y-%m-%d %H:%M')} · results: "
-             f"{html.escape(str(inp.results))}{what} · images evaluated: {meta.get('n_images', '-')}</p>"]
-    for title, rows in tables.items():
-        parts.append(f"<h2>{html.escape(title)}</h2>{_html_table(rows, greys.get(title))}")
-        if title in notes:
-            parts.append(f"<p class='note'>{html.escape(notes[title])}</p>")
-    if figs:
-        parts.append("<h2>Figures</h2><div class='figs'>")
-        for f, t, c in figs:
-            wide = " class='wide'" if f.startswith(WIDE_FIGURES) else ""
-            parts.append(f"<figure{wide}><img src='{html.escape(f, quote=True)}' alt='{html.escape(t, quote=True)}'>"
-                         f"<figcaption><b>{html.escape(t)}.</b> {html.escape(c)}</figcaption></figure>")
-        parts.append("</div>")
-    parts.append("</body></html>")
-    atomic_write_text(out / "index.html", "\n".join(parts))

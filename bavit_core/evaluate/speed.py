@@ -1,0 +1,111 @@
+"""prune-eval's timing of its rows: dense YOLOS once per run, BAViT once, and every row's
+pruned YOLOS, round robin in this process, with spreads and the noisy flag."""
+from __future__ import annotations
+
+import platform
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..data.images import to_input
+from ..detection.pruned import pruned_forward
+from ..detection.yolos import IMAGE_MEAN, IMAGE_STD
+from .timing import NOISY_SPREAD, drift, peak_memory_mb, spread, time_round_robin
+
+
+def autocast_args(device, dtype) -> dict:
+    return dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda")
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
+
+
+NO_TIMING = {"latency_ms": float("nan"), "latency_spread": float("nan"), "throughput_ips": float("nan"),
+             "dense_latency_ms": float("nan"), "dense_spread": float("nan"), "speedup": float("nan"),
+             "detector_speedup": float("nan"), "peak_mem_mb": float("nan"), "timing_noisy": False}
+
+
+def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tick) -> tuple[list[dict], dict]:
+    """Dense YOLOS (once), BAViT (once, when a row uses it) and every row's pruned YOLOS on
+    the first timing images, round robin over ``timing_repeats`` rounds after one warm-up
+    round. Per row: medians per image, spreads (IQR / median) and the noisy flag; per run:
+    the dense reference's samples and drift."""
+    n_t = len(det_u8)
+    if n_t == 0 or opts.timing_repeats < 1:
+        return [dict(NO_TIMING) for _ in rows], {"dense_drift": float("nan"), "timing_seconds": 0.0}
+    t0 = time.perf_counter()
+    bs = opts.batch_size
+    ac = autocast_args(device, dtype)
+    xs = [to_input(det_u8[s:s + bs], IMAGE_MEAN, IMAGE_STD, device).to(dtype) for s in range(0, n_t, bs)]
+    fns: dict[str, Callable] = {}
+    warm: dict[str, Callable] = {}  # the same work on the first batch: warm-up and memory probe
+    fns["dense"] = lambda xs=xs: _dense(det, xs, ac)
+    warm["dense"] = lambda: _dense(det, xs[:1], ac)
+    if bavit is not None and any(r.selector == "bavit" for r in rows):
+        xbs = [to_input(bav_u8[s:s + bs], bavit.cfg.mean, bavit.cfg.std, device) for s in range(0, n_t, bs)]
+        if dtype != torch.float32:
+            xbs = [xb.to(dtype) for xb in xbs]
+        fns["bavit"] = lambda: _bavit(bavit, xbs, ac)
+        warm["bavit"] = lambda: _bavit(bavit, xbs[:1], ac)
+    keeps = {}
+    for k, row in enumerate(rows):
+        if row.selector == "dense":
+            continue
+        keeps[k] = [torch.as_tensor(row.keep[s:min(s + bs, n_t)], device=device) for s in range(0, n_t, bs)]
+        fns[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs, ks, layout, ac, t)
+        warm[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs[:1], ks[:1], layout, ac, t)
+    total = (opts.timing_repeats + 2) * len(fns)
+    samples = time_round_robin(fns, device, repeats=opts.timing_repeats, warmup=1, tick=lambda: tick(1, total),
+                               warmup_fns=warm)
+    peaks = {}
+    for name, f in warm.items():
+        if name != "bavit":
+            peaks[name] = peak_memory_mb(f, device)
+        tick(1, total)
+    per_img = lambda v: np.asarray(v) / n_t  # noqa: E731
+    d = per_img(samples["dense"])
+    d_med, d_spread, d_drift = float(np.median(d)), spread(d), drift(d)
+    b = per_img(samples["bavit"]) if "bavit" in samples else None
+    out = []
+    for k, row in enumerate(rows):
+        if row.selector == "dense":
+            det_s = full = d
+        else:
+            det_s = per_img(samples[f"row{k}"])
+            full = det_s + b if (row.selector == "bavit" and b is not None) else det_s
+        lat = float(np.median(full))
+        lat_spread = spread(full)
+        noisy = bool(max(np.nan_to_num(lat_spread), np.nan_to_num(d_spread), np.nan_to_num(d_drift)) > NOISY_SPREAD)
+        out.append({
+            "latency_ms": 1000 * lat, "latency_spread": lat_spread, "throughput_ips": 1.0 / lat,
+            "dense_latency_ms": 1000 * d_med, "dense_spread": d_spread,
+            "speedup": d_med / lat, "detector_speedup": d_med / float(np.median(det_s)),
+            "peak_mem_mb": peaks.get("dense" if row.selector == "dense" else f"row{k}", float("nan")),
+            "timing_noisy": noisy,
+        })
+    run = {"dense_drift": d_drift, "dense_samples_ms": [1000 * v for v in d.tolist()],
+           "dense_peak_mem_mb": peaks.get("dense"), "timing_seconds": time.perf_counter() - t0}
+    return out, run
+
+
+def _dense(det, xs, ac):
+    for x in xs:
+        with torch.autocast(**ac):
+            det(pixel_values=x)
+
+
+def _bavit(bavit, xbs, ac):
+    for xb in xbs:
+        with torch.autocast(**ac):
+            bavit.fg_prob(xb)
+
+
+def _pruned(det, xs, keeps, layout, ac, treatment="drop"):
+    for x, k in zip(xs, keeps):
+        with torch.autocast(**ac):
+            pruned_forward(det, x, k, layout=layout, treatment=treatment)

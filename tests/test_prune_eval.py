@@ -160,7 +160,6 @@ def test_target_sparsities_reach_their_targets_with_every_selector(setup, coco_s
     for r in rows:
         assert r["timing_noisy"] in ("True", "False") and float(r["latency_spread"]) >= 0
         assert float(r["peak_mem_mb"]) > 0  # measured on CPU too
-    assert float(rows[6]["peak_mem_mb"]) < float(rows[0]["peak_mem_mb"])  # oracle at 0.8 vs dense
     assert {"load_start", "load_end", "stage_seconds", "dense_drift", "detector_size"} <= set(meta)
     assert set(meta["stage_seconds"]) == {"loading", "decoding", "BAViT", "detecting", "timing", "COCOeval"}
     assert meta["load_start"]["cpus"] >= 1
@@ -306,3 +305,26 @@ def test_prune_eval_rows_per_pruned_token_treatment(setup, coco_synth, tmp_path)
     code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,merge")
     assert (code, err.strip()) == (1, "Error: unknown --pruned-tokens 'merge'; choose from drop, pool, preserve")
     assert not (tmp_path / "bad").exists()
+
+
+def test_peak_memory_of_a_pruned_forward_is_below_the_dense_one():
+    """peak_mem_mb is meaningful on CPU: at 80 % sparsity the pruned forward's own peak is
+    well below dense YOLOS's (on a grid big enough for activations to dominate; prune-eval
+    probes after warm-up, under inference mode, as here)."""
+    from bavit_core.detection.pruned import pruned_forward
+    from bavit_core.detection.yolos import init_new_yolos
+    from bavit_core.evaluate.timing import peak_memory_mb
+
+    cfg = tiny_yolos_config("nano", num_labels=6, image_size=(128, 128))
+    det = YolosForObjectDetection(cfg).eval()
+    init_new_yolos(det, 0)
+    x = torch.randn(4, 3, 128, 128)
+    keep = torch.zeros(4, 64, dtype=torch.bool)
+    for i in range(4):
+        keep[i, torch.randperm(64, generator=torch.Generator().manual_seed(i))[:13]] = True
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        det(pixel_values=x), pruned_forward(det, x, keep)  # warm-up: caches exist before the probes
+        dense = peak_memory_mb(lambda: det(pixel_values=x), cpu)
+        pruned = peak_memory_mb(lambda: pruned_forward(det, x, keep), cpu)
+    assert 0 < pruned < 0.6 * dense

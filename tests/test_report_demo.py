@@ -123,6 +123,7 @@ def test_report_adds_the_treatment_figure_when_results_hold_several(demo_dir, tm
     assert (tmp_path / "rep" / "treatments.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "src='treatments.png'" in (tmp_path / "rep" / "index.html").read_text()
     t2 = list(csv.DictReader(open(tmp_path / "rep" / "table2.csv")))
-    assert [r["treatment"] for r in t2 if r["selector"] == "bavit"] == ["drop"] * 2 + ["pool"] * 2 + ["preserve"] * 2
+    n = sum(r["selector"] == "bavit" for r in rows)
+    assert n >= 2 and [r["treatment"] for r in t2 if r["selector"] == "bavit"] == ["drop"] * n + ["pool"] * n + ["preserve"] * n
     code, _, err = run_cli("report", "--results", out / "results", "--out", tmp_path / "rep1")
     assert code == 0 and not (tmp_path / "rep1" / "treatments.png").exists()

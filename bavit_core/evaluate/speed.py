@@ -30,6 +30,7 @@ NO_TIMING = {"latency_ms": float("nan"), "latency_spread": float("nan"), "throug
              "detector_speedup": float("nan"), "peak_mem_mb": float("nan"), "timing_noisy": False}
 
 
+@torch.inference_mode()
 def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tick) -> tuple[list[dict], dict]:
     """Dense YOLOS (once), BAViT (once, when a row uses it) and every row's pruned YOLOS on
     the first timing images, round robin over ``timing_repeats`` rounds after one warm-up

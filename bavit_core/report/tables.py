@@ -50,6 +50,7 @@ def table2(rows: list[dict]) -> list[dict]:
             "model": r.get("model") or MODEL_NAMES.get(r["selector"], r["selector"]),
             "selector": r["selector"],
             "target": _point(r),
+            "treatment": r.get("treatment", "drop"),
             "sparsity %": _fmt(100 * r["sparsity"], 1),
             "mAP": _fmt(100 * r["map"], 2),
             "BAViT": _fmt(r["bavit_tokens"], 0),
@@ -83,7 +84,6 @@ def table2_details(rows: list[dict]) -> list[dict]:
             "throughput img/s": _fmt(r["throughput_ips"], 1),
             "peak mem MB": _fmt(r["peak_mem_mb"], 1),
             "timing": "noisy" if r.get("timing_noisy") else ("-" if _nan(r["latency_ms"]) else "ok"),
-            "treatment": r.get("treatment", "drop"),
         })
     return out
 

@@ -191,7 +191,7 @@ class StageProgress:
 
     def line(self) -> str:
         elapsed = f"{_clock(time.monotonic() - self.t0)} elapsed"
-        if not self.unit and not self.done:  # a stage that counts nothing (loading)
+        if not self.done and self.total is None:  # a stage that counts nothing (loading)
             return f"{self._label()}, {elapsed}"
         count = f"{self.done}/{self.total if self.total is not None else '?'}"
         return f"{self._label()}: {count} {self.unit}, {elapsed}"

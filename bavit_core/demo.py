@@ -51,7 +51,7 @@ class DemoOptions:
     @property
     def settings(self) -> dict:
         if self.quick:
-            return dict(images=120, epochs=8, sparsities=[0.1, 0.25, 0.4, 0.5, 0.7, 0.85], timing_images=8,
+            return dict(images=120, epochs=8, sparsities=[0.1, 0.25, 0.4, 0.5, 0.7, 0.85], timing_images=4,
                         timing_repeats=3, det_epochs=3, f_epochs=2, batch=8)
         return dict(images=400, epochs=20, sparsities=[0.1, 0.25, 0.35, 0.5, 0.6, 0.7, 0.85], timing_images=8,
                     timing_repeats=5, det_epochs=40, f_epochs=3, batch=8)

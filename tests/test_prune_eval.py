@@ -17,6 +17,9 @@ from bavit_core.runtime.errors import OptionError
 
 from .cli_helpers import run_cli
 
+DENSE_MAP = 0.7987  # the shipped demo detector on 12 unseen generated scenes (seed 11), pinned from a run
+ORACLE_MAPS = [0.7480, 0.5530, 0.3179]  # oracle at sparsity 0.3, 0.6, 0.9
+
 
 @pytest.fixture(scope="module")
 def setup(coco_synth, tmp_path_factory):
@@ -274,6 +277,8 @@ def test_category_map_moves_ground_truth_onto_detector_ids(coco_synth):
     doc = json.loads((coco_synth / "annotations/instances_val2017.json").read_text())
     n_tri = sum(a["category_id"] == 1 for a in doc["annotations"])
     assert len(gt.getAnnIds(catIds=[5])) == n_tri and {c["name"] for c in gt.loadCats([5])} == {"triangle"}
+
+
 def test_prune_eval_rows_per_pruned_token_treatment(setup, coco_synth, tmp_path):
     code, _, err = run_pe(setup, coco_synth, tmp_path / "res", "--thresholds", "0.5", "--selectors", "dense,bavit,oracle",
                           "--pruned-tokens", "drop,pool,preserve")
@@ -328,3 +333,33 @@ def test_peak_memory_of_a_pruned_forward_is_below_the_dense_one():
         dense = peak_memory_mb(lambda: det(pixel_values=x), cpu)
         pruned = peak_memory_mb(lambda: pruned_forward(det, x, keep), cpu)
     assert 0 < pruned < 0.6 * dense
+
+
+@pytest.fixture(scope="module")
+def simple_scenes(tmp_path_factory):
+    """Generated scenes of the layout the shipped demo detector was trained on (unseen seed)."""
+    from bavit_core.data.synthetic import synth_dataset
+
+    root = tmp_path_factory.mktemp("simple")
+    synth_dataset(root, n_images=48, fmt="coco", seed=11, size=(240, 320), val_fraction=0.25, scenes="simple")
+    aset = open_dataset("coco", root=root, split="val2017", need_masks=True)
+    label_dataset(aset, LabelOptions(source="masks", grid=GridSpec(128, 128, 16)), root / "val.parquet")
+    return root
+
+
+def test_shipped_demo_detector_real_map_values(simple_scenes, tmp_path):
+    """Real mAP of the shipped detector through the whole prune-eval path (decode, pruned
+    forward, detections, name-matched categories, COCOeval): values pinned from a run, and
+    the oracle's ordering over sparsity."""
+    from bavit_core.demo import shipped_detector
+
+    code, out, err = run_cli("prune-eval", "--detector", shipped_detector(), "--root", simple_scenes, "--split",
+                             "val2017", "--labels", simple_scenes / "val.parquet", "--sparsities", "0.3,0.6,0.9",
+                             "--timing-images", "0", "--batch-size", "6", "--out", tmp_path / "r")
+    assert code == 0, err
+    rows = {(r["selector"], r["target"]): float(r["map"]) for r in csv.DictReader(open(tmp_path / "r" / "results.csv"))}
+    assert _meta(tmp_path / "r")["detector_size"] == [128, 128]  # its own input size, not 512
+    assert rows[("dense", "nan")] == pytest.approx(DENSE_MAP, abs=2e-3)
+    oracle = [rows[("oracle", t)] for t in ("0.3", "0.6", "0.9")]
+    assert oracle == pytest.approx(ORACLE_MAPS, abs=2e-3)
+    assert rows[("dense", "nan")] > oracle[0] > oracle[1] > oracle[2]

@@ -162,11 +162,6 @@ def select_target(priority: np.ndarray, target: float, policy: str = "threshold"
     return keep.reshape(priority.shape), float(flat.ravel()[order[-1]])
 
 
-def random_like(reference: np.ndarray, seed) -> np.ndarray:
-    """random at a target: per image the same count as the reference (bavit) row."""
-    return random_keep(reference, seed)
-
-
 def sparsity_stats(keep: np.ndarray) -> dict[str, float]:
     """Mean sparsity and its per-image spread (p10 / p90) of a (N, gh, gw) keep array."""
     n = len(keep)

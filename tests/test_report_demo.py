@@ -56,7 +56,7 @@ def test_report_tables_figures_and_index(demo_dir):
     out, _ = demo_dir
     rep = out / "report"
     t2 = list(csv.DictReader(open(rep / "table2.csv")))
-    assert list(t2[0]) == ["model", "selector", "target", "sparsity %", "mAP", "BAViT", "YOLOS", "YOLOS pruned",
+    assert list(t2[0]) == ["model", "selector", "target", "treatment", "sparsity %", "mAP", "BAViT", "YOLOS", "YOLOS pruned",
                            "YOLOS+BAViT", "% reduction", "speedup"]
     assert t2[0]["model"] == "YOLOS" and t2[1]["model"] == "BAViT+YOLOS" and t2[-1]["model"] == "BAViT+YOLOS-F"
     assert [r["target"] for r in t2[1:7]] == ["0.10", "0.25", "0.40", "0.50", "0.70", "0.85"]

@@ -255,19 +255,13 @@ def progress_bar(description: str, total: int | None = None, stages: int | None 
     if not is_main_process():  # under torchrun only rank 0 shows progress
         yield _SilentProgress()
         return
-    if err_console.is_terminal:
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn()]
-        with Progress(*columns, console=err_console, transient=True) as prog:
-            p = StageProgress(description, stages, unit, prog, interval, total, epochs)
-            ok = False
-            try:
-                yield p
-                ok = True
-            finally:
-                p.close(ok)
-    else:
-        p = StageProgress(description, stages, unit, None, interval, total, epochs)
+    with contextlib.ExitStack() as stack:
+        prog = None
+        if err_console.is_terminal:
+            columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn()]
+            prog = stack.enter_context(Progress(*columns, console=err_console, transient=True))
+        p = StageProgress(description, stages, unit, prog, interval, total, epochs)
         ok = False
         try:
             yield p

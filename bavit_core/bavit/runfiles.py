@@ -12,7 +12,7 @@ import torch
 
 from .. import __version__
 from ..runtime.errors import InputFileError
-from ..runtime.fileio import atomic_path, atomic_write_text, sha256_file
+from ..runtime.fileio import atomic_path, atomic_write_text, read_training_state, sha256_file
 from .model import CONFIG_FILE, LAST_FILE, MODEL_FILE, save_weights
 
 if TYPE_CHECKING:
@@ -24,16 +24,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or a pickle that is not plain weights
-        raise InputFileError(path, f"unreadable training state ({type(exc).__name__}); "
-                             "resume is impossible, start again with --overwrite") from None
-    need = ("epoch", "best", "optimizer", "scheduler", "model", "rows")
-    if not isinstance(state, dict) or any(k not in state for k in need):
-        raise InputFileError(path, "training state without epoch/optimizer/model (written by an older bavit?); "
-                             "start again with --overwrite")
-    return state
+    return read_training_state(path, ("epoch", "best", "optimizer", "scheduler", "model", "rows"))
 
 
 def input_hashes(opts: TrainOptions) -> dict:

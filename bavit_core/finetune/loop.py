@@ -32,7 +32,7 @@ from ..detection.yolos import (IMAGE_MEAN, IMAGE_STD, detector_grid, init_encode
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist, epoch_order
 from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
-from ..runtime.fileio import atomic_path, atomic_write_text, refuse_output_over_inputs
+from ..runtime.fileio import atomic_path, atomic_write_text, read_training_state, refuse_output_over_inputs
 from .data import FinetuneData, keep_selector, label_map_for, make_batch, prepare
 from .dense_aux import dense_aux_loss
 from .options import SELECTORS, FinetuneOptions
@@ -123,16 +123,7 @@ def _save_hf(model, dest: Path):
 
 
 def _load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or a pickle that is not plain weights
-        raise InputFileError(path, f"unreadable training state ({type(exc).__name__}); "
-                             "resume is impossible, start again with --overwrite") from None
-    need = ("epoch", "best", "best_epoch", "optimizer", "model", "rows", "torch_rng")
-    if not isinstance(state, dict) or any(k not in state for k in need):
-        raise InputFileError(path, "training state without epoch/optimizer/model (written by an older bavit?); "
-                             "start again with --overwrite")
-    return state
+    return read_training_state(path, ("epoch", "best", "best_epoch", "optimizer", "model", "rows", "torch_rng"))
 
 
 class _FinetuneFiles:

@@ -237,3 +237,19 @@ def require_dir(path: str | os.PathLike, what: str = "directory") -> Path:
     if not p.is_dir():
         raise InputFileError(p, f"expected a {what}, found a file")
     return p
+
+
+def read_training_state(path: str | os.PathLike, keys: tuple[str, ...]) -> dict:
+    """A run's ``state.pt`` (plain tensors and containers only: ``weights_only``), holding
+    every one of ``keys``; anything else is one clean error saying to start again."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or a pickle that is not plain weights
+        raise InputFileError(path, f"unreadable training state ({type(exc).__name__}); "
+                             "resume is impossible, start again with --overwrite") from None
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        raise InputFileError(path, "training state without epoch/optimizer/model (written by an older bavit?); "
+                             "start again with --overwrite")
+    return state

@@ -53,6 +53,19 @@ def resume_hint(command: str, available: Callable[[], bool] | None = None) -> It
         _resume_hints.pop()
 
 
+@contextlib.contextmanager
+def resumable_run(command: str, out, main: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A training run into ``out``: an interrupt says ``bavit COMMAND --out OUT --resume``
+    once an epoch is committed (state.pt exists); yields the ``on_resume(epoch, epochs)``
+    callback that tells, on rank 0, from which epoch a resumed run continues."""
+    def on_resume(epoch: int, epochs: int) -> None:
+        if main:
+            err_console.print(f"Resuming {out} from epoch {epoch} of {epochs}.", highlight=False, soft_wrap=True)
+
+    with resume_hint(f"bavit {command} --out {out} --resume", lambda: (out / "state.pt").is_file()):
+        yield on_resume
+
+
 def quiet_libraries() -> None:
     """Silence library noise (Python warnings, transformers/torch/numpy chatter) so an
     error is one ``Error:`` line and a result is our own output only."""
@@ -229,21 +242,6 @@ class _SilentProgress:
 
     def close(self, completed: bool = True) -> None:
         pass
-def early_option_checks(device: str | None = None, choices: dict | None = None, **at_least) -> None:
-    """Option checks a command makes before any work: ``device`` a known name, each
-    ``name=(value, minimum)`` (value None = unset) at least its minimum, each
-    ``choices[name] = (value, allowed)`` one of the allowed values."""
-    from bavit_core.runtime.devices import check_device_name
-    from bavit_core.runtime.errors import OptionError
-
-    if device is not None:
-        check_device_name(device)
-    for name, (value, minimum) in at_least.items():
-        if value is not None and value < minimum:
-            raise OptionError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
-    for name, (value, allowed) in (choices or {}).items():
-        if value is not None and value not in allowed:
-            raise OptionError(f"unknown --{name.replace('_', '-')} {value!r}; choose {' or '.join(allowed)}")
 
 
 @contextlib.contextmanager

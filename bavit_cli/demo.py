@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import cli_command, console, early_option_checks, print_table, progress_bar
+from .common import cli_command, console, print_table, progress_bar
 
 
 @cli_command
@@ -25,7 +25,6 @@ def demo(
     """
     from bavit_core.demo import STAGES, DemoOptions, run_demo
 
-    early_option_checks(device)
 
     def on_stage(stage, msg):
         console.print(f"[bold green]✓[/] [bold]{stage:<11}[/] {msg}", highlight=False)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import cli_command, console, err_console, progress_bar, resume_hint
+from .common import cli_command, console, progress_bar, resumable_run
 
 
 @cli_command
@@ -81,12 +81,7 @@ def finetune(
                           f"L1 {row['train_loss_bbox']:.3f} giou {row['train_loss_giou']:.3f}){v}  "
                           f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}", highlight=False)
 
-    def on_resume(epoch: int, epochs: int) -> None:
-        if main:
-            err_console.print(f"Resuming {out} from epoch {epoch} of {epochs}.", highlight=False, soft_wrap=True)
-
-    resumable = lambda: (out / "state.pt").is_file()  # noqa: E731
-    with resume_hint(f"bavit finetune --out {out} --resume", resumable), \
+    with resumable_run("finetune", out, main) as on_resume, \
             progress_bar("finetune", unit="steps", epochs=opts.epochs) as step:
         r = run_finetune(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch,
                          overwrite=overwrite, on_resume=on_resume)

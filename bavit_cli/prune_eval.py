@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import cli_command, console, early_option_checks, err_console, print_table, progress_bar
+from .common import cli_command, console, err_console, print_table, progress_bar
 
 UNITS = {"loading": "", "decoding": "images", "BAViT": "images", "detecting": "image passes",
          "timing": "timed calls", "COCOeval": "rows"}
@@ -55,13 +55,8 @@ def prune_eval_cmd(
     """
     from bavit_core.data.grid import parse_size
     from bavit_core.evaluate.sweep import STAGES, PruneEvalOptions, parse_sparsities, parse_thresholds, prune_eval
-    from bavit_core.runtime.fileio import refuse_output_over_inputs
     from bavit_core.runtime.launch import is_main_process
 
-    early_option_checks(device, {"resample": (resample, ("nearest", "any")), "layout": (layout, ("pack", "pad"))},
-                        batch_size=(batch_size, 1), max_images=(max_images, 1), timing_images=(timing_images, 0),
-                        timing_repeats=(timing_repeats, 1), postprocess_steps=(postprocess_steps, 0))
-    refuse_output_over_inputs(out, [root, ann, images, labels, model], is_dir=True)
     opts = PruneEvalOptions(
         detector=detector, dataset=dataset, root=str(root) if root else None, split=split,
         ann=str(ann) if ann else None, images=str(images) if images else None,

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import cli_command, console, err_console, progress_bar, resume_hint
+from .common import cli_command, console, err_console, progress_bar, resumable_run
 
 
 def _is_main() -> bool:
@@ -78,12 +78,7 @@ def train(
             f"val IoU {v('val_iou')}  {row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}",
             highlight=False)
 
-    def on_resume(epoch: int, epochs: int) -> None:
-        if main:
-            err_console.print(f"Resuming {out} from epoch {epoch} of {epochs}.", highlight=False, soft_wrap=True)
-
-    resumable = lambda: (out / "state.pt").is_file()  # noqa: E731
-    with resume_hint(f"bavit train --out {out} --resume", resumable), \
+    with resumable_run("train", out, main) as on_resume, \
             progress_bar("train", unit="steps", epochs=opts.epochs) as step:
         summary = train_bavit(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch,
                               on_stage=lambda s: err_console.print(s) if main and err_console.is_terminal else None,

@@ -16,6 +16,7 @@ from .data.synthetic import synth_dataset
 from .evaluate.sweep import PruneEvalOptions, prune_eval
 from .labels import LabelOptions, label_dataset
 from .report.build import ReportInputs, build_report
+from .runtime.devices import check_device_name
 from .runtime.errors import BavitError
 
 SCENES = "simple"  # the layout the shipped detector was trained on (bavit synth --scenes simple)
@@ -71,6 +72,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
     """Run every stage under ``opts.out``; ``on_stage(name, message)`` reports each stage's
     result, ``progress_for(name)`` is called as each stage starts and may return a progress
     callback for it (with a ``substage(name)`` method to follow prune-eval's own stages)."""
+    check_device_name(opts.device)  # before any file is generated
     say = on_stage or (lambda s, m: None)
     prog = progress_for or (lambda s: None)
     st = opts.settings

@@ -17,7 +17,8 @@ from bavit_core.bavit.model import create_bavit, load_bavit, save_weights  # noq
 from bavit_core.data.synthetic import CLASS_NAMES  # noqa: E402
 from bavit_core.detection.pruned import pruned_forward  # noqa: E402
 from bavit_core.detection.yolos import init_new_yolos, load_detector, tiny_yolos_config  # noqa: E402
-from bavit_core.export.graphs import reference_keep, topk_count  # noqa: E402
+from bavit_core.detection.selection import kept_per_image as topk_count  # noqa: E402
+from bavit_core.export.graphs import reference_keep  # noqa: E402
 from bavit_core.export.onnx_export import state_sha256  # noqa: E402
 from bavit_core.export.ort import ExportedModels, session  # noqa: E402
 from bavit_core.runtime.fileio import sha256_file  # noqa: E402

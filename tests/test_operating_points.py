@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from bavit_core.data.grid import resample_grid
 from bavit_core.detection.selection import (fg_distance, kept_per_image, oracle_keep, oracle_priority, random_keep,
-                                            resample_scores, select_target, sparsity_stats)
+                                            select_target, sparsity_stats)
 from bavit_core.evaluate.timing import drift, peak_memory_mb, spread, time_round_robin
 from bavit_core.runtime.errors import OptionError
 
@@ -75,8 +76,8 @@ def test_fg_distance_and_score_resampling():
     assert d[0, 2, 2] == 0 and d[0, 0, 0] == 2 and d[0, 2, 4] == 2 and d[0, 1, 3] == 1
     assert (d[1] == 10).all()  # no FG: the grid's size
     s = np.arange(4, dtype=float).reshape(1, 2, 2)
-    assert resample_scores(s, (4, 4), "nearest")[0, 3, 3] == 3
-    assert resample_scores(s, (1, 1), "any")[0, 0, 0] == 3
+    assert resample_grid(s, (4, 4), "nearest")[0, 3, 3] == 3
+    assert resample_grid(s, (1, 1), "any")[0, 0, 0] == 3
 
 
 @pytest.fixture(scope="module")

@@ -128,8 +128,13 @@ def test_prune_eval_bad_input(setup, coco_synth, tmp_path):
 
 
 def test_timed_path_resamples_like_the_evaluated_path():
-    from bavit_core.data.grid import resample_grid
-    from bavit_core.detection.selection import resample_torch as _resample_torch
+    """The exported pipeline resamples BAViT's grid on the device with one gather; it must
+    keep what prune-eval's resample_grid keeps."""
+    from bavit_core.data.grid import nearest_flat_index, resample_grid
+
+    def _resample_torch(g, shape):
+        return g.reshape(len(g), -1)[:, torch.as_tensor(nearest_flat_index(g.shape[1:], shape))].reshape(
+            (len(g),) + shape)
 
     g = np.random.default_rng(0).random((3, 24, 24)) < 0.4
     for shape in ((32, 32), (12, 12), (24, 24), (20, 30)):

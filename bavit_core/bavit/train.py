@@ -23,7 +23,7 @@ from ..labels import Labels, read_labels
 from ..runtime.devices import check_device_name, resolve_device
 from ..runtime.distributed import Dist, epoch_order
 from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
-from ..runtime.fileio import refuse_output_over_inputs
+from ..runtime.fileio import check_new_run_dir, refuse_output_over_inputs, resolve_input_paths
 from .metrics import token_metrics
 from .model import CONFIG_FILE, BAViT, ModelConfig, create_bavit
 from .runfiles import (METRICS_FILE, STATE_FILE, RunFiles, check_inputs_unchanged, input_hashes, load_state,
@@ -192,17 +192,6 @@ def _resume_state(out: Path):
     return doc
 
 
-def _input_paths(opts: TrainOptions) -> TrainOptions:
-    """Input paths resolved absolute (a resumed run must find them from any directory)."""
-    for k in ("labels", "images", "val_labels", "val_images"):
-        v = getattr(opts, k)
-        if v:
-            setattr(opts, k, str(Path(v).expanduser().resolve()))
-    if opts.pretrained and Path(opts.pretrained).expanduser().exists():
-        opts.pretrained = str(Path(opts.pretrained).expanduser().resolve())
-    return opts
-
-
 def train_bavit(
     opts: TrainOptions,
     resume: bool = False,
@@ -233,14 +222,10 @@ def train_bavit(
         check_inputs_unchanged(out, doc, opts, force)
     else:
         opts.validate()
-        opts = _input_paths(opts)
+        resolve_input_paths(opts, ("labels", "images", "val_labels", "val_images"), hub_or_path=("pretrained",))
         refuse_output_over_inputs(out, [opts.labels, opts.val_labels, opts.images, opts.val_images,
                                         opts.pretrained], is_dir=True)
-        if out.exists() and not out.is_dir():
-            raise InputFileError(out, "is a file, expected a run directory path")
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
-            raise OptionError(f"{out} already holds files (a previous run?); pass --resume to continue it "
-                              "or --overwrite to replace it")
+        check_new_run_dir(out, overwrite)
     device = Dist.local_device(resolve_device(opts.device))
     dist = Dist(device)
     try:

@@ -193,12 +193,20 @@ def nearest_index(src: int, dst: int) -> np.ndarray:
     return ((2 * np.arange(dst) + 1) * src) // (2 * dst)
 
 
+def nearest_flat_index(src: tuple[int, int], dst: tuple[int, int]) -> np.ndarray:
+    """``resample_grid(mode="nearest")`` as one gather: for each of the dst grid's cells in
+    row-major order, the row-major index of its source cell (device-side resampling)."""
+    ri, ci = nearest_index(src[0], dst[0]), nearest_index(src[1], dst[1])
+    return (ri[:, None] * src[1] + ci[None, :]).reshape(-1)
+
+
 def resample_grid(grid: np.ndarray, shape: tuple[int, int], mode: str = "nearest") -> np.ndarray:
     """Resample (..., gh, gw) grids to (..., H, W) keeping relative positions.
 
     ``nearest``: each target cell takes the source cell containing its centre.
     ``any``: a target cell is true when any source cell it overlaps is true (boolean grids;
-    conservative for pruning: never drops a token that touches FG).
+    conservative for pruning: never drops a token that touches FG); for score grids, the
+    highest score it overlaps.
     """
     gh, gw = grid.shape[-2:]
     th, tw = shape
@@ -208,14 +216,13 @@ def resample_grid(grid: np.ndarray, shape: tuple[int, int], mode: str = "nearest
         ri, ci = nearest_index(gh, th), nearest_index(gw, tw)
         return grid[..., ri[:, None], ci[None, :]]
     if mode == "any":
-        g = grid.astype(bool)
-        out = np.zeros(grid.shape[:-2] + (th, tw), dtype=bool)
+        out = np.zeros(grid.shape[:-2] + (th, tw), dtype=grid.dtype)
         for ti in range(th):
             r0 = (ti * gh) // th
             r1 = -((-(ti + 1) * gh) // th)
             for tj in range(tw):
                 c0 = (tj * gw) // tw
                 c1 = -((-(tj + 1) * gw) // tw)
-                out[..., ti, tj] = g[..., r0:r1, c0:c1].any(axis=(-1, -2))
+                out[..., ti, tj] = grid[..., r0:r1, c0:c1].max(axis=(-1, -2))
         return out
     raise OptionError(f"unknown resampling mode {mode!r}; choose nearest or any")

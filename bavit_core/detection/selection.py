@@ -17,7 +17,7 @@ Operating points at a target mean sparsity ``s`` (on the detector grid, P tokens
   the threshold (saturated probabilities) are broken by a fixed pseudo-random order, so
   the reached mean is within one token of ``s`` over the whole set.
 * ``topk`` policy (fixed rate): every image keeps its ceil((1 - s)·P) highest-priority
-  tokens.
+  tokens (ties: the lower row-major index, as the exported pipeline's TopK).
 
 Every function returns a (N, gh, gw) bool array on the detector grid.
 """
@@ -26,11 +26,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from ..bavit.inference import fg_from_probs
 from ..bavit.postprocess import refine
-from ..data.grid import nearest_index, resample_grid
+from ..data.grid import resample_grid
 from ..labels import read_labels
 from ..runtime.errors import OptionError
 
@@ -70,28 +69,9 @@ def random_keep(reference: np.ndarray, seed) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- target sparsities
-def resample_scores(scores: np.ndarray, grid: tuple[int, int], resample: str = "nearest") -> np.ndarray:
-    """Per-token scores (N, gh, gw) on the detector grid: ``nearest`` takes the source cell
-    containing each target cell's centre, ``any`` the highest score it overlaps (the float
-    form of resample_grid's ``any``)."""
-    gh, gw = scores.shape[-2:]
-    th, tw = grid
-    if (gh, gw) == (th, tw) or resample == "nearest":
-        return resample_grid(scores, grid, "nearest")
-    if resample != "any":
-        raise OptionError(f"unknown resampling mode {resample!r}; choose nearest or any")
-    out = np.empty(scores.shape[:-2] + (th, tw), dtype=scores.dtype)
-    for ti in range(th):
-        r0, r1 = (ti * gh) // th, -((-(ti + 1) * gh) // th)
-        for tj in range(tw):
-            c0, c1 = (tj * gw) // tw, -((-(tj + 1) * gw) // tw)
-            out[..., ti, tj] = scores[..., r0:r1, c0:c1].max(axis=(-1, -2))
-    return out
-
-
 def bavit_priority(probs: np.ndarray, grid: tuple[int, int], resample: str = "nearest") -> np.ndarray:
     """BAViT's FG probability of each detector token: the higher, the earlier it is kept."""
-    return resample_scores(np.asarray(probs, dtype=np.float64), grid, resample)
+    return resample_grid(np.asarray(probs, dtype=np.float64), grid, resample)
 
 
 def oracle_priority(labels_path, image_ids, grid: tuple[int, int], resample: str = "nearest") -> np.ndarray:
@@ -104,7 +84,7 @@ def oracle_priority(labels_path, image_ids, grid: tuple[int, int], resample: str
     pos = {int(i): k for k, i in enumerate(lab.image_ids)}
     scores = np.asarray(lab.scores, dtype=np.float64)[[pos[int(i)] for i in image_ids]]
     fg_d = resample_grid(fg, grid, resample)
-    sc_d = resample_scores(scores, grid, resample)
+    sc_d = resample_grid(scores, grid, resample)
     dist = fg_distance(fg_d)
     # FG: 2 + score (in [2, 3]); BG with a score: the score (in [0, 1]); score 0: -distance
     return np.where(fg_d, 2.0 + sc_d, np.where(sc_d > 0, sc_d, -dist / (sum(grid) + 1.0)))
@@ -129,6 +109,16 @@ def kept_per_image(target: float, n_tokens: int) -> int:
     return max(1, min(n_tokens, math.ceil((1.0 - target) * n_tokens - 1e-9)))
 
 
+def topk_keep(priority: np.ndarray, k: int) -> np.ndarray:
+    """Every image keeps its ``k`` highest-``priority`` tokens; ties go to the lower
+    row-major index, as ONNX's TopK does, so the exported pipeline keeps the same tokens."""
+    n = len(priority)
+    flat = priority.reshape(n, -1)
+    keep = np.zeros(flat.shape, dtype=bool)
+    np.put_along_axis(keep, np.argsort(-flat, axis=1, kind="stable")[:, :k], True, axis=1)
+    return keep.reshape(priority.shape)
+
+
 def _tiebreak(shape, seed) -> np.ndarray:
     return np.random.default_rng(seed).random(shape)
 
@@ -137,8 +127,8 @@ def select_target(priority: np.ndarray, target: float, policy: str = "threshold"
     """Keep the highest-``priority`` tokens so that the mean sparsity is ``target``.
 
     Returns (keep (N, gh, gw) bool, the priority threshold: the lowest kept priority for
-    ``threshold``, NaN for ``topk``). Ties are broken by a fixed pseudo-random order
-    (``seed``)."""
+    ``threshold``, NaN for ``topk``). ``threshold`` breaks ties by a fixed pseudo-random
+    order (``seed``); ``topk`` as :func:`topk_keep`."""
     if policy not in POLICIES:
         raise OptionError(f"unknown policy {policy!r}; choose {' or '.join(POLICIES)}")
     if not 0.0 <= target < 1.0:
@@ -146,15 +136,12 @@ def select_target(priority: np.ndarray, target: float, policy: str = "threshold"
     n = len(priority)
     flat = priority.reshape(n, -1)
     p = flat.shape[1]
-    tie = _tiebreak(flat.shape, seed)
     keep = np.zeros(flat.shape, dtype=bool)
     if n == 0:
         return keep.reshape(priority.shape), float("nan")
     if policy == "topk":
-        k = kept_per_image(target, p)
-        order = np.lexsort((-tie, -flat), axis=-1)[:, :k]
-        np.put_along_axis(keep, order, True, axis=-1)
-        return keep.reshape(priority.shape), float("nan")
+        return topk_keep(priority, kept_per_image(target, p)), float("nan")
+    tie = _tiebreak(flat.shape, seed)
     total = int(round((1.0 - target) * n * p))
     total = max(total, n)  # at least one token per image overall
     order = np.lexsort((-tie.ravel(), -flat.ravel()))[:total]
@@ -170,10 +157,3 @@ def sparsity_stats(keep: np.ndarray) -> dict[str, float]:
         return {"sparsity": float("nan"), "sparsity_p10": float("nan"), "sparsity_p90": float("nan")}
     return {"sparsity": float(s.mean()), "sparsity_p10": float(np.percentile(s, 10)),
             "sparsity_p90": float(np.percentile(s, 90))}
-
-
-def resample_torch(g: torch.Tensor, shape) -> torch.Tensor:
-    """resample_grid(mode="nearest") on a (B, gh, gw) tensor, staying on its device."""
-    ri = torch.as_tensor(nearest_index(g.shape[-2], shape[0]), device=g.device)
-    ci = torch.as_tensor(nearest_index(g.shape[-1], shape[1]), device=g.device)
-    return g[:, ri][:, :, ci]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..detection.pruned import TREATMENTS
+from ..detection.pruned import LAYOUTS, TREATMENTS
 from ..detection.selection import POLICIES, SELECTORS
 from ..runtime.errors import OptionError
+from ..runtime.fileio import refuse_output_over_inputs
+from ..runtime.options import check_option_values
 
 
 def _parse_range(text: str, option: str, default_step: float = 0.1) -> list[float]:
@@ -100,10 +102,13 @@ def selectors_for(opts: PruneEvalOptions) -> list[str]:
 
 
 def check_options(opts: PruneEvalOptions) -> None:
-    if opts.batch_size < 1:
-        raise OptionError("--batch-size must be at least 1")
-    if opts.postprocess_steps < 0:
-        raise OptionError("--postprocess-steps must be >= 0")
+    """Every option checked before any work (an --out over an input included)."""
+    check_option_values(opts.device, {"resample": (opts.resample, ("nearest", "any")),
+                                      "layout": (opts.layout, LAYOUTS)},
+                        batch_size=(opts.batch_size, 1), max_images=(opts.max_images, 1),
+                        timing_images=(opts.timing_images, 0), timing_repeats=(opts.timing_repeats, 1),
+                        postprocess_steps=(opts.postprocess_steps, 0))
+    refuse_output_over_inputs(opts.out, [opts.root, opts.ann, opts.images, opts.labels, opts.model], is_dir=True)
     if opts.dtype not in ("fp32", "bf16", "fp16"):
         raise OptionError("--dtype must be fp32, bf16 or fp16")
     if opts.policy not in POLICIES:

@@ -25,7 +25,7 @@ from ..data.images import decode_once, resolve_paths, to_input
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
 from ..detection.cocoeval import (category_map_for, coco_ground_truth, detections_from_outputs,
                                   evaluate_detections, read_category_map)
-from ..detection.pruned import LAYOUTS, pruned_forward
+from ..detection.pruned import pruned_forward
 from ..detection.selection import (bavit_keep, bavit_priority, dense_keep, oracle_keep, oracle_priority, random_keep,
                                    select_target, sparsity_stats)
 from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, detector_input_size, load_detector
@@ -76,8 +76,6 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     selectors = selectors_for(opts)
     device = Dist.local_device(resolve_device(opts.device))
     layout = opts.layout or ("pad" if device.type == "cuda" else "pack")
-    if layout not in LAYOUTS:
-        raise OptionError(f"--layout must be one of {', '.join(LAYOUTS)}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.dtype]
     if dtype != torch.float32 and device.type != "cuda" and opts.dtype == "fp16":
         raise OptionError("--dtype fp16 needs CUDA")

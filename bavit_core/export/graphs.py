@@ -19,16 +19,13 @@ operators ONNX has for a dynamic token count (Gather, NonZero, TopK, MatMul, Sof
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
 
 from ..bavit.inference import fg_from_probs
-from ..data.grid import nearest_index, resample_grid
-
-POLICIES = ("threshold", "topk")
+from ..data.grid import nearest_flat_index, resample_grid
+from ..detection.selection import POLICIES, topk_keep
 
 
 def _constants(model, size):
@@ -149,11 +146,6 @@ class BavitProbs(nn.Module):
         return self.bavit.fg_prob(image)
 
 
-def topk_count(sparsity: float, n_patches: int) -> int:
-    """Tokens every image keeps under the top-k policy: ceil((1 - S)·P)."""
-    return int(math.ceil((1.0 - sparsity) * n_patches - 1e-9))
-
-
 def reference_keep(probs: np.ndarray, grid: tuple[int, int], policy: str, threshold: float | None = None,
                    k: int | None = None) -> np.ndarray:
     """What :class:`Pipeline` keeps, in numpy: BAViT probabilities (N, bh, bw) → kept tokens
@@ -162,11 +154,7 @@ def reference_keep(probs: np.ndarray, grid: tuple[int, int], policy: str, thresh
     p = resample_grid(np.asarray(probs), grid, "nearest")
     if policy == "threshold":
         return fg_from_probs(p, threshold)
-    flat = p.reshape(len(p), -1)
-    keep = np.zeros(flat.shape, dtype=bool)
-    top = np.argsort(-flat, axis=1, kind="stable")[:, :k]
-    np.put_along_axis(keep, top, True, axis=1)
-    return keep.reshape(p.shape)
+    return topk_keep(p, k)
 
 
 class Pipeline(nn.Module):
@@ -189,8 +177,7 @@ class Pipeline(nn.Module):
         self.threshold = float(threshold) if threshold is not None else 0.0
         self.k = int(k or 0)
         bh, bw = bavit.cfg.grid_shape
-        ri, ci = nearest_index(bh, det_grid[0]), nearest_index(bw, det_grid[1])
-        flat = torch.as_tensor(ri[:, None] * bw + ci[None, :], dtype=torch.long).reshape(-1)
+        flat = torch.as_tensor(nearest_flat_index((bh, bw), det_grid), dtype=torch.long)
         self.register_buffer("resample_index", flat, persistent=False)  # (P,) into BAViT's grid
 
     def select(self, bavit_pixel_values: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,11 @@ import torch
 
 from .. import __version__
 from ..detection.pruned import pruned_forward
+from ..detection.selection import kept_per_image
 from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, load_detector
 from ..runtime.errors import BavitError, InputFileError, OptionError
 from ..runtime.fileio import atomic_write_text, sha256_file
-from .graphs import POLICIES, BavitProbs, DenseDetector, Pipeline, PrunedDetector, reference_keep, topk_count
+from .graphs import POLICIES, BavitProbs, DenseDetector, Pipeline, PrunedDetector, reference_keep
 from .ort import FORMAT, MANIFEST, require_onnx, session
 
 TREATMENTS = ("drop", "pool", "preserve")
@@ -263,7 +264,7 @@ def _write_graphs(stage: Path, opts: ExportOptions, det, size, dgrid, bavit, say
         say("pipeline.onnx")
         policy = opts.policy
         thr = opts.threshold if opts.threshold is not None else 0.5
-        k = topk_count(opts.sparsity, n_p) if policy == "topk" else None
+        k = kept_per_image(opts.sparsity, n_p) if policy == "topk" else None
         pipe = Pipeline(bavit, pruned, dgrid, policy, thr if policy == "threshold" else None, k).eval()
         x1 = torch.randn(1, 3, *bsize, generator=g)
         _export(pipe, (x, x1), stage / "pipeline.onnx", ["pixel_values", "bavit_pixel_values"],

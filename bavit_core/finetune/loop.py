@@ -32,7 +32,8 @@ from ..detection.yolos import (IMAGE_MEAN, IMAGE_STD, detector_grid, init_encode
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist, epoch_order
 from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
-from ..runtime.fileio import atomic_path, atomic_write_text, read_training_state, refuse_output_over_inputs
+from ..runtime.fileio import (atomic_path, atomic_write_text, check_new_run_dir, read_training_state,
+                               refuse_output_over_inputs, resolve_input_paths)
 from .data import FinetuneData, keep_selector, label_map_for, make_batch, prepare
 from .dense_aux import dense_aux_loss
 from .options import SELECTORS, FinetuneOptions
@@ -182,20 +183,12 @@ def finetune(opts: FinetuneOptions, resume: bool = False, on_step: Callable[[int
         opts.device, opts.out = given.device, str(out)
     opts.validate()
     if not resume:
-        for k in ("root", "ann", "images", "labels", "val_labels", "model", "init_encoder"):
-            v = getattr(opts, k)
-            if v:
-                setattr(opts, k, str(Path(v).expanduser().resolve()))
-        if opts.detector and Path(opts.detector).expanduser().exists():
-            opts.detector = str(Path(opts.detector).expanduser().resolve())
+        resolve_input_paths(opts, ("root", "ann", "images", "labels", "val_labels", "model", "init_encoder"),
+                            hub_or_path=("detector",))
         refuse_output_over_inputs(out, [opts.root, opts.ann, opts.images, opts.labels, opts.val_labels, opts.model,
                                         opts.init_encoder, opts.detector if opts.detector and Path(opts.detector).exists()
                                         else None], is_dir=True)
-        if out.exists() and not out.is_dir():
-            raise InputFileError(out, "is a file, expected a run directory path")
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
-            raise OptionError(f"{out} already holds files (a previous run?); pass --resume to continue it "
-                              "or --overwrite to replace it")
+        check_new_run_dir(out, overwrite)
     device = Dist.local_device(resolve_device(opts.device))
     dist = Dist(device)
     try:

@@ -204,6 +204,29 @@ def refuse_output_over_inputs(out: str | os.PathLike, inputs: Iterable[str | os.
             raise OptionError(f"{option} {out} would overwrite the input {i}; choose another output path")
 
 
+def resolve_input_paths(opts, fields: Iterable[str], hub_or_path: Iterable[str] = ()) -> None:
+    """Store ``opts``'s path ``fields`` absolute (a resumed run must find its inputs from any
+    directory); ``hub_or_path`` fields may hold a hub name and are resolved only when they
+    name something here."""
+    for k in fields:
+        v = getattr(opts, k)
+        if v:
+            setattr(opts, k, str(Path(v).expanduser().resolve()))
+    for k in hub_or_path:
+        v = getattr(opts, k)
+        if v and Path(v).expanduser().exists():
+            setattr(opts, k, str(Path(v).expanduser().resolve()))
+
+
+def check_new_run_dir(out: Path, overwrite: bool) -> None:
+    """A fresh run's directory: a path that is no file, and empty unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise InputFileError(out, "is a file, expected a run directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OptionError(f"{out} already holds files (a previous run?); pass --resume to continue it "
+                          "or --overwrite to replace it")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

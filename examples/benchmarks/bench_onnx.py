@@ -70,7 +70,7 @@ def main():
     from bavit_core.bavit.model import create_bavit, save_weights
     from bavit_core.detection.accounting import bavit_gflops, detector_gflops
     from bavit_core.detection.yolos import init_new_yolos, tiny_yolos_config
-    from bavit_core.export.graphs import topk_count
+    from bavit_core.detection.selection import kept_per_image as topk_count
     from bavit_core.export.onnx_export import ExportOptions, export_onnx
     from bavit_core.export.ort import session
 

@@ -42,8 +42,8 @@ def demo(
 
 
 def demo_table(r: dict) -> Table:
-    t = Table(title="prune-eval on the generated val split", title_justify="left")
-    for c in ("selector", "target", "sparsity", "mAP", "AP50", "reduction", "det speedup", "speedup"):
+    t = Table(title="prune-eval on the generated val (×: speedup, detector / end to end)", title_justify="left")
+    for c in ("selector", "target", "sparsity", "mAP", "AP50", "reduct.", "det ×", "e2e ×"):
         t.add_column(c, justify="right")
     f = lambda v, p: "-" if v != v else f"{v:.{p}f}"  # noqa: E731
     x = lambda v: "-" if v != v else f"{v:.2f}x"  # noqa: E731

@@ -4,7 +4,8 @@ import torch
 from transformers import YolosForObjectDetection
 
 from bavit_core.detection.accounting import detector_gflops, token_columns, yolos_macs
-from bavit_core.detection.pruned import TREATMENTS, pruned_forward
+import bavit_core.detection.pruned as pruned_mod
+from bavit_core.detection.pruned import LAYOUTS, TREATMENTS, pruned_forward
 from bavit_core.detection.yolos import init_new_yolos, load_detector, tiny_yolos_config
 from bavit_core.runtime.errors import BavitError, InputFileError
 
@@ -72,6 +73,14 @@ def hf_reference(m, x, keep, treatment):
     return torch.cat(logits), torch.cat(boxes), states
 
 
+@pytest.fixture(params=["native", "loop"])
+def encoder_path(request, monkeypatch):
+    """Both ways the encoder runs at inference on CPU: torch's fused native layer taken
+    wherever it applies, whatever the sequence length, or never (our per-op loop)."""
+    monkeypatch.setattr(pruned_mod, "NATIVE_MAX_TOKENS", 10 ** 6 if request.param == "native" else 0)
+    return request.param
+
+
 def ragged_keep(g, b=4, shares=(0.2, 0.5, 0.8, 1.0)):
     keep = torch.rand(b, 4, 6, generator=g) < torch.tensor(shares[:b])[:, None, None]
     keep[0, 0, 0] = True
@@ -82,7 +91,7 @@ def ragged_keep(g, b=4, shares=(0.2, 0.5, 0.8, 1.0)):
 
 @pytest.mark.parametrize("treatment", TREATMENTS)
 @pytest.mark.parametrize("mid", [False, True])
-def test_nothing_pruned_is_the_original_model(mid, treatment):
+def test_nothing_pruned_is_the_original_model(mid, treatment, encoder_path):
     m = make(mid)
     x = torch.randn(3, 3, 64, 96)
     with torch.no_grad():
@@ -96,7 +105,7 @@ def test_nothing_pruned_is_the_original_model(mid, treatment):
             torch.testing.assert_close(all_kept.logits, ref.logits, atol=1e-5, rtol=0)
 
 
-def test_interpolated_positions_at_another_input_size():
+def test_interpolated_positions_at_another_input_size(encoder_path):
     m = make(mid=True, size=(64, 64))
     x = torch.randn(2, 3, 96, 128)  # YOLOS interpolates its (mid-layer) position embeddings
     keep = ragged_keep(torch.Generator().manual_seed(5), b=2, shares=(0.5, 0.7)).repeat(1, 2, 2)[:, :6, :8]
@@ -111,7 +120,7 @@ def test_interpolated_positions_at_another_input_size():
 
 @pytest.mark.parametrize("treatment", TREATMENTS)
 @pytest.mark.parametrize("mid", [False, True])
-def test_pruned_forward_equals_transformers_reference(mid, treatment):
+def test_pruned_forward_equals_transformers_reference(mid, treatment, encoder_path):
     """Catches a forward that drops the (mid-layer) position embeddings when pruning or
     gives kept tokens the positions of other patches: the reference takes HF's own
     embeddings and gathers them at the kept positions."""
@@ -158,7 +167,7 @@ def test_pruned_forward_equals_transformers_reference(mid, treatment):
 
 
 @pytest.mark.parametrize("treatment", TREATMENTS)
-def test_images_with_no_kept_patch(treatment):
+def test_images_with_no_kept_patch(treatment, encoder_path):
     m = make(mid=True)
     x = torch.randn(2, 3, 64, 96)
     for keep in (torch.zeros(2, 4, 6, dtype=torch.bool), torch.stack([torch.zeros(4, 6, dtype=torch.bool),
@@ -184,7 +193,7 @@ def test_treatments_differ_when_tokens_are_pruned():
         pruned_forward(m, x, keep, treatment="merge")
 
 
-def test_cached_weights_follow_parameter_updates():
+def test_cached_weights_follow_parameter_updates(encoder_path):
     """Positions and fused q/k/v are cached without autograd: an in-place update (optimizer
     step, load_state_dict) must be seen by the next call."""
     m = make(mid=True)
@@ -201,6 +210,66 @@ def test_cached_weights_follow_parameter_updates():
     with torch.no_grad():
         ref_logits, _, _ = hf_reference(m, x, keep, "drop")
     torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_native_encoder_layer_taken_only_at_cpu_inference_on_short_sequences(monkeypatch):
+    """The fused native layer runs once per image and layer on that image's tokens when it
+    applies, and never for preserve, with autograd, in training, in another dtype, under
+    ONNX export, with the fast path switched off or when one image's sequence is too long."""
+    seen = []
+    native = torch._transformer_encoder_layer_fwd
+
+    def counting(src, *args):
+        seen.append(src.shape[1])
+        return native(src, *args)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    m = make(mid=True)
+    x = torch.randn(3, 3, 64, 96)
+    keep = ragged_keep(torch.Generator().manual_seed(6), b=3)
+    kept = keep.reshape(3, -1).sum(1).tolist()
+    assert 0 < min(kept) and max(kept) < 24  # every image has pruned tokens (a pool token)
+    nd, layers = m.config.num_detection_tokens, m.config.num_hidden_layers
+
+    def calls(x=x, **kw):
+        seen.clear()
+        out = pruned_forward(m, x, keep, **kw)
+        return list(seen), out
+
+    with torch.no_grad():
+        ref = {t: hf_reference(m, x, keep, t)[0] for t in ("drop", "pool")}
+        for layout in LAYOUTS:
+            for t in ("drop", "pool"):
+                got, out = calls(layout=layout, treatment=t)
+                assert got == [1 + nd + k + (t == "pool") for k in kept for _ in range(layers)], (layout, t)
+                torch.testing.assert_close(out.logits, ref[t], atol=1e-5, rtol=0)
+        assert calls(treatment="preserve")[0] == []
+        longest = 1 + nd + max(kept)
+        monkeypatch.setattr(pruned_mod, "NATIVE_MAX_TOKENS", longest - 1)  # one image too long: the loop for all
+        assert calls()[0] == []
+        monkeypatch.setattr(pruned_mod, "NATIVE_MAX_TOKENS", longest)
+        assert len(calls()[0]) == 3 * layers
+        m.train()
+        assert calls()[0] == []
+        m.eval()
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+            assert calls()[0] == []
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            assert calls()[0] == []
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        m.to(torch.float64)
+        try:
+            got, out = calls(x.double())
+            assert got == [] and out.logits.dtype == torch.float64
+        finally:
+            m.float()
+    with torch.inference_mode():
+        assert len(calls()[0]) == 3 * layers
+    got, out = calls()  # autograd on (fine-tuning in eval mode): the loop, with gradients
+    assert got == [] and out.logits.requires_grad
 
 
 @pytest.mark.parametrize("treatment", TREATMENTS)

@@ -34,6 +34,16 @@ batch keep different numbers of tokens; two layouts are offered:
 * ``pad``: (B, L_max, C) with a key-padding mask through ``scaled_dot_product_attention``;
   one kernel call per layer, best on GPU.
 
+(The attention helpers of both layouts live in ``detection/attention.py``.) Short sequences
+on CPU take a third way: at inference (no autograd, eval mode, float32, ``drop`` or
+``pool``) with every image's sequence at most ``NATIVE_MAX_TOKENS`` tokens (high sparsity),
+each encoder layer runs as torch's fused native pre-LN encoder layer
+(``torch._transformer_encoder_layer_fwd``, what nn.TransformerEncoderLayer's inference fast
+path calls) on one image's tokens at a time, whatever the layout: the same arithmetic (to
+~1e-6) in one kernel instead of a dozen ops, whose fixed costs dominate at a few hundred
+tokens. Never on CUDA, in training, with autograd, for ``preserve`` (frozen keys/values),
+or under autocast, tracing (ONNX export) or ``torch.compile``.
+
 Without autograd (evaluation, timing) the interpolated position embeddings and the fused
 query/key/value weights are computed once and cached on the model until a parameter
 changes (tracked by tensor versions), so a call's cost shrinks with the kept tokens.
@@ -44,6 +54,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .attention import attend_packed, attend_pad, attend_via_pad
 
 LAYOUTS = ("pack", "pad")
 TREATMENTS = ("drop", "pool", "preserve")
@@ -109,55 +121,64 @@ def _patches(x, ps: int, gh: int, gw: int):
     return x[:, :, :gh * ps, :gw * ps].reshape(b, c, gh, ps, gw, ps).permute(0, 2, 4, 1, 3, 5)
 
 
-def _attend(qkv, kv_extra, lengths, extra_lengths, heads, hd, scale, p_drop):
-    """Packed attention, one SDPA call per image: queries, keys and values of the computed
-    tokens (T, 3C), and keys/values of frozen tokens (T', 2C) appended per image or None."""
-    t = qkv.shape[0]
-    c = heads * hd
-    qkv = qkv.view(t, 3, heads, hd)
-    if kv_extra is not None:
-        kv_extra = kv_extra.view(-1, 2, heads, hd)
-    if len(lengths) == 1:
-        pieces = [(0, t, 0, 0 if kv_extra is None else kv_extra.shape[0])]
-    else:
-        pieces, s, se = [], 0, 0
-        for n, m in zip(lengths, extra_lengths or [0] * len(lengths)):
-            pieces.append((s, n, se, m))
-            s, se = s + n, se + m
+# Longest sequence (1 + detection tokens + kept patches (+ pool token)) for which CPU
+# inference runs every encoder layer as torch's fused native layer (``_encode_native``);
+# 0 turns the path off. Picked from
+#   python examples/benchmarks/ab_native_layer.py --lengths 203,280,360,420,520
+# (YOLOS-tiny's encoder, one image; fused / loop time, medians of 7; 2-core x86 VM,
+# torch 2.15, load average ~0.8, 2026-11-21):
+#   2 threads: n=203 0.91, 280 0.93, 360 0.97, 420 0.99, 520 1.02
+#   1 thread:  n=203 0.92, 280 0.94, 360 0.98, 420 1.06, 520 0.99
+# (the lead's idle probe, 2 threads: n=203 0.86, 360 0.98, 612 ~1.1). The crossover is
+# ~360-420 tokens; 320 keeps a margin at both thread counts. At 512 px YOLOS-tiny
+# (1 + 100 + kept) stays under 320 from ~79 % sparsity up.
+NATIVE_MAX_TOKENS = 320
+
+
+def _native_ok(model, treatment: str, lengths, dtype, dev) -> bool:
+    """Whether ``pruned_forward`` runs the encoder as ``torch._transformer_encoder_layer_fwd``:
+    inference (no autograd, eval mode: the fused layer has no backward and no dropout) on CPU
+    in float32 (in bfloat16/float16 it computes the same but runs several times slower here),
+    not under autocast, tracing or compiling (not exportable), not ``preserve`` (frozen
+    key/value tokens), a pre-LN layer it can express (exact GELU, q/k/v biases, one eps) and
+    every sequence at most ``NATIVE_MAX_TOKENS`` long. ``torch.backends.mha.set_fastpath_enabled(False)``
+    turns it off, as it does nn.TransformerEncoderLayer's fast path."""
+    cfg = model.config
+    if not (max(lengths) <= NATIVE_MAX_TOKENS and dev.type == "cpu" and dtype == torch.float32
+            and treatment != "preserve" and not model.training and not torch.is_grad_enabled()):
+        return False
+    if (torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or not torch.backends.mha.get_fastpath_enabled()):
+        return False
+    return (cfg.hidden_act == "gelu" and bool(cfg.qkv_bias)
+            and all(layer.layernorm_before.eps == layer.layernorm_after.eps for layer in model.vit.encoder.layer))
+
+
+def _encode_native(model, h, mid, spans):
+    """YOLOS's encoder layers through torch's fused native pre-LN encoder layer (the one
+    nn.TransformerEncoderLayer's inference fast path calls; one kernel per layer instead
+    of ~12 ops), one image at a time: ``spans`` are the (start, length) of every image's
+    rows in the packed ``h`` (T, C); mid-layer position embeddings ``mid`` (gathered like
+    ``h``) are added after every layer but the last. Returns the packed (T, C) states."""
+    cfg = model.config
+    layers = model.vit.encoder.layer
+    c, heads = cfg.hidden_size, cfg.num_attention_heads
+    weights = _layer_weights(model)
     outs = []
-    for s, n, se, m in pieces:
-        q, k, v = qkv[s:s + n].permute(1, 2, 0, 3).unbind(0)  # (heads, n, hd) each
-        if m:
-            ke, ve = kv_extra[se:se + m].permute(1, 2, 0, 3).unbind(0)
-            k, v = torch.cat([k, ke], 1), torch.cat([v, ve], 1)
-        o = F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=p_drop, scale=scale)
-        outs.append(o[0].transpose(0, 1).reshape(n, c))
+    for s, n in spans:
+        x = h[s:s + n][None]
+        for li, (layer, (wqkv, bqkv)) in enumerate(zip(layers, weights)):
+            ln1, ln2 = layer.layernorm_before, layer.layernorm_after
+            x = torch._transformer_encoder_layer_fwd(
+                x, c, heads, wqkv, bqkv, layer.attention.output.dense.weight, layer.attention.output.dense.bias,
+                True, True, ln1.eps, ln1.weight, ln1.bias, ln2.weight, ln2.bias,  # exact GELU, pre-LN
+                layer.intermediate.dense.weight, layer.intermediate.dense.bias,
+                layer.output.dense.weight, layer.output.dense.bias, None, None)
+            if mid is not None and li < len(layers) - 1:
+                x = x + mid[li, s:s + n]
+        outs.append(x[0])
     return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _attend_pad(qkv, kv_extra, mask, heads, hd, scale, p_drop):
-    """Padded attention (B, L, 3C) [+ frozen keys/values (B, L', 2C)], key mask (B, L + L') or None."""
-    b, l, _ = qkv.shape
-    q, k, v = qkv.view(b, l, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-    if kv_extra is not None:
-        ke, ve = kv_extra.view(b, kv_extra.shape[1], 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        k, v = torch.cat([k, ke], 2), torch.cat([v, ve], 2)
-    am = None if mask is None else mask[:, None, None, :]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=am, dropout_p=p_drop, scale=scale)
-    return o.transpose(1, 2).reshape(b, l, heads * hd)
-
-
-def _attend_via_pad(qkv, kv_extra, dest, fdest, b, lq, lf, mask, heads, hd, scale, p_drop):
-    """Packed attention in one padded SDPA call: the packed rows are scattered into (B, L)
-    slots (``dest``; frozen keys/values into (B, L') slots ``fdest``), attended with a key
-    mask and gathered back. One kernel call per layer instead of one per image: on CPU
-    with several threads every call pays a thread wake-up that does not shrink with the
-    tokens."""
-    buf = qkv.new_zeros(b * lq, qkv.shape[1]).index_put((dest,), qkv).view(b, lq, -1)
-    kvb = None
-    if kv_extra is not None:
-        kvb = kv_extra.new_zeros(b * lf, kv_extra.shape[1]).index_put((fdest,), kv_extra).view(b, lf, -1)
-    return _attend_pad(buf, kvb, mask, heads, hd, scale, p_drop).reshape(b * lq, -1)[dest]
 
 
 def _encode(model, h, frozen, attend, mid):
@@ -223,7 +244,8 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
     counts_l = counts.tolist()
     pool = [treatment == "pool" and k < p for k in counts_l]
     lengths = [1 + n_det + k + int(q) for k, q in zip(counts_l, pool)]
-    pad = layout == "pad" and b > 1
+    native = _native_ok(model, treatment, lengths, w_patch.dtype, dev)
+    pad = layout == "pad" and b > 1 and not native
     L = max(lengths)
     total = b * L if pad else sum(lengths)
     lens_t = torch.tensor(lengths, device=dev)
@@ -285,7 +307,9 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
     hd = c // heads
     scale = vit.encoder.layer[0].attention.attention.scaling
     p_drop = cfg.attention_probs_dropout_prob if model.training else 0.0
-    if pad:
+    if native:  # short sequences, CPU inference: fused layers image by image (layout is moot)
+        h = _encode_native(model, h, mid_g, list(zip(starts.tolist(), lengths)))
+    elif pad:
         h = h.view(b, L, c)
         if mid_g is not None:
             mid_g = mid_g.view(mid_g.shape[0], b, L, c)
@@ -296,7 +320,7 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
                               torch.tensor(fr_lengths, device=dev)[:, None]], 1)
         if bool(mask.all()):
             mask = None
-        attend = lambda qkv, kv: _attend_pad(qkv, kv, mask, heads, hd, scale, p_drop)  # noqa: E731
+        attend = lambda qkv, kv: attend_pad(qkv, kv, mask, heads, hd, scale, p_drop)  # noqa: E731
     elif b > 1 and (dev.type != "cpu" or torch.get_num_threads() > 1):
         # packed Linear layers, one padded attention call per layer
         img = torch.repeat_interleave(torch.arange(b, device=dev), lens_t)
@@ -311,11 +335,12 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
             mask = torch.cat([mask, torch.arange(lf, device=dev)[None] < fl_t[:, None]], 1)
         if bool(mask.all()):
             mask = None
-        attend = lambda qkv, kv: _attend_via_pad(qkv, kv, dest, fdest, b, L, lf, mask, heads, hd,  # noqa: E731
+        attend = lambda qkv, kv: attend_via_pad(qkv, kv, dest, fdest, b, L, lf, mask, heads, hd,  # noqa: E731
                                                  scale, p_drop)
     else:  # one image, or one thread: per-image calls cost little and pad nothing
-        attend = lambda qkv, kv: _attend(qkv, kv, lengths, fr_lengths, heads, hd, scale, p_drop)  # noqa: E731
-    h = _encode(model, h, frozen, attend, mid_g).reshape(total, c)
+        attend = lambda qkv, kv: attend_packed(qkv, kv, lengths, fr_lengths, heads, hd, scale, p_drop)  # noqa: E731
+    if not native:
+        h = _encode(model, h, frozen, attend, mid_g).reshape(total, c)
 
     ln = vit.layernorm
     det_idx = starts[:, None] + 1 + torch.arange(n_det, device=dev)

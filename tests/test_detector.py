@@ -78,6 +78,7 @@ def encoder_path(request, monkeypatch):
     """Both ways the encoder runs at inference on CPU: torch's fused native layer taken
     wherever it applies, whatever the sequence length, or never (our per-op loop)."""
     monkeypatch.setattr(pruned_mod, "NATIVE_MAX_TOKENS", 10 ** 6 if request.param == "native" else 0)
+    monkeypatch.setattr(pruned_mod, "NATIVE_MIN_TOKENS_BATCHED", 0)
     return request.param
 
 
@@ -224,6 +225,7 @@ def test_native_encoder_layer_taken_only_at_cpu_inference_on_short_sequences(mon
         return native(src, *args)
 
     monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    monkeypatch.setattr(pruned_mod, "NATIVE_MIN_TOKENS_BATCHED", 0)
     m = make(mid=True)
     x = torch.randn(3, 3, 64, 96)
     keep = ragged_keep(torch.Generator().manual_seed(6), b=3)
@@ -248,6 +250,14 @@ def test_native_encoder_layer_taken_only_at_cpu_inference_on_short_sequences(mon
         monkeypatch.setattr(pruned_mod, "NATIVE_MAX_TOKENS", longest - 1)  # one image too long: the loop for all
         assert calls()[0] == []
         monkeypatch.setattr(pruned_mod, "NATIVE_MAX_TOKENS", longest)
+        assert len(calls()[0]) == 3 * layers
+        shortest = 1 + nd + min(kept)
+        monkeypatch.setattr(pruned_mod, "NATIVE_MIN_TOKENS_BATCHED", shortest + 1)  # one image too short:
+        assert calls()[0] == []  # the packed loop for the batch
+        seen.clear()
+        pruned_forward(m, x[kept.index(min(kept))][None], keep[kept.index(min(kept))][None])
+        assert seen == [shortest] * layers  # ... but a single image has no minimum
+        monkeypatch.setattr(pruned_mod, "NATIVE_MIN_TOKENS_BATCHED", shortest)
         assert len(calls()[0]) == 3 * layers
         m.train()
         assert calls()[0] == []

@@ -133,6 +133,13 @@ def _patches(x, ps: int, gh: int, gw: int):
 # ~360-420 tokens; 320 keeps a margin at both thread counts. At 512 px YOLOS-tiny
 # (1 + 100 + kept) stays under 320 from ~79 % sparsity up.
 NATIVE_MAX_TOKENS = 320
+# With several images it runs image by image, which pays only when each image's sequence
+# is long enough for its own GEMMs; shorter ones go through the packed loop's larger GEMMs.
+# `python examples/benchmarks/ab_native_batch.py` (batch 8, fused / loop, same machine):
+#   demo detector at 128 px, 15-61 tokens per image: 1.33-2.65 (loop far better)
+#   YOLOS-tiny at 512 px: 124-181 tokens 0.99, 177-232 tokens 0.83
+# A single image takes the fused layer at any length up to NATIVE_MAX_TOKENS (0.86-0.93).
+NATIVE_MIN_TOKENS_BATCHED = 160
 
 
 def _native_ok(model, treatment: str, lengths, dtype, dev) -> bool:
@@ -141,10 +148,12 @@ def _native_ok(model, treatment: str, lengths, dtype, dev) -> bool:
     in float32 (in bfloat16/float16 it computes the same but runs several times slower here),
     not under autocast, tracing or compiling (not exportable), not ``preserve`` (frozen
     key/value tokens), a pre-LN layer it can express (exact GELU, q/k/v biases, one eps) and
-    every sequence at most ``NATIVE_MAX_TOKENS`` long. ``torch.backends.mha.set_fastpath_enabled(False)``
+    every sequence at most ``NATIVE_MAX_TOKENS`` long (and, with several images, each at least
+    ``NATIVE_MIN_TOKENS_BATCHED``). ``torch.backends.mha.set_fastpath_enabled(False)``
     turns it off, as it does nn.TransformerEncoderLayer's fast path."""
     cfg = model.config
-    if not (max(lengths) <= NATIVE_MAX_TOKENS and dev.type == "cpu" and dtype == torch.float32
+    if not (max(lengths) <= NATIVE_MAX_TOKENS and (len(lengths) == 1 or min(lengths) >= NATIVE_MIN_TOKENS_BATCHED)
+            and dev.type == "cpu" and dtype == torch.float32
             and treatment != "preserve" and not model.training and not torch.is_grad_enabled()):
         return False
     if (torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.jit.is_scripting()

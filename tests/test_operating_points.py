@@ -194,3 +194,34 @@ def test_perturbed_detections_score_what_pycocotools_itself_gives(tmp_path):
         ev.evaluate(), ev.accumulate(), ev.summarize()
     assert 0.2 < ours["map"] < 0.95
     assert [ours[k] for k in ("map", "map50", "map75")] == pytest.approx(list(ev.stats[:3]), abs=1e-12)
+
+
+def test_rows_evaluated_by_worker_processes_score_what_this_process_does(monkeypatch):
+    """prune-eval evaluates its rows in worker processes: each row's stats must be the
+    in-process COCOeval's, in row order (catches rows returned out of order or a worker
+    indexing a different ground truth)."""
+    import bavit_core.detection.cocoeval as C
+
+    gt, anns = _gt()
+    rng = np.random.default_rng(2)
+    rows = []
+    for k in range(4):  # four rows, progressively worse boxes, one empty
+        rows.append([] if k == 3 else [
+            {"image_id": a["image_id"], "category_id": a["category_id"], "score": float(rng.random()),
+             "bbox": [a["bbox"][0] + rng.normal(0, 1 + 4 * k), a["bbox"][1], a["bbox"][2], a["bbox"][3]]}
+            for a in anns])
+    serial = [C.evaluate_detections(gt, d, [1, 2, 3]) for d in rows]
+    assert len({round(s["map"], 6) for s in serial}) == 4
+    monkeypatch.setattr(C.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    done = []
+    with monkeypatch.context() as mp:  # evaluated here it would raise: the workers did it
+        mp.setattr(C, "evaluate_detections", lambda *a: 1 / 0)
+        pooled = C.evaluate_many(gt, rows, [1, 2, 3], lambda: done.append(1))
+    assert len(done) == 4
+
+    def same(x, y):  # equal, NaN (an area range without objects) included
+        return x.keys() == y.keys() and all(x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]) for k in x)
+
+    assert all(same(a, b) for a, b in zip(pooled, serial, strict=True))
+    monkeypatch.setattr(C, "PARALLEL_FROM", 10 ** 6)
+    assert all(same(a, b) for a, b in zip(C.evaluate_many(gt, rows[:2], [1, 2, 3]), serial[:2], strict=True))

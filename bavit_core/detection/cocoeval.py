@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-
-import torch
+import os
+from typing import TYPE_CHECKING
 
 from ..data import AnnotationSet
 from ..runtime.errors import BavitError
+
+if TYPE_CHECKING:
+    import torch
 
 STAT_NAMES = ("map", "map50", "map75", "map_s", "map_m", "map_l")
 
@@ -54,7 +57,7 @@ def coco_ground_truth(aset: AnnotationSet, image_ids, category_map: dict[int, in
     return gt
 
 
-def detections_from_outputs(logits: torch.Tensor, boxes: torch.Tensor, image_ids, widths, heights) -> list[dict]:
+def detections_from_outputs(logits: "torch.Tensor", boxes: "torch.Tensor", image_ids, widths, heights) -> list[dict]:
     """COCO result dicts: every detection token's best non-"no object" class (the detector's
     label id, which is the COCO category id; VOC ground truth is mapped onto those ids) and its box,
     scaled from the normalised (cx, cy, w, h) of the stretched input to original pixels."""
@@ -88,6 +91,55 @@ def evaluate_detections(gt, detections: list[dict], image_ids) -> dict[str, floa
         ev.summarize()
     stats = [max(float(v), 0.0) if v != -1 else float("nan") for v in ev.stats[:6]]
     return dict(zip(STAT_NAMES, stats))
+
+
+PARALLEL_FROM = 3  # rows; fewer are evaluated in this process (a worker costs ~0.5 s to start)
+_WORKER_GT = None
+
+
+def _worker_init(dataset: dict) -> None:
+    """A COCOeval worker: the ground truth is indexed once per process, not per row."""
+    from pycocotools.coco import COCO
+
+    global _WORKER_GT
+    _WORKER_GT = COCO()
+    _WORKER_GT.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        _WORKER_GT.createIndex()
+
+
+def _worker_eval(detections: list[dict], image_ids) -> dict[str, float]:
+    return evaluate_detections(_WORKER_GT, detections, image_ids)
+
+
+def evaluate_many(gt, detections: list[list[dict]], image_ids, on_done=None) -> list[dict[str, float]]:
+    """``evaluate_detections`` for several rows' detections against one ground truth, in
+    order. COCOeval is single-threaded Python: with several cores and at least
+    ``PARALLEL_FROM`` rows the rows are evaluated by worker processes (spawned: no torch in
+    them, safe whatever threads this process runs), each computing exactly what this process
+    would. ``on_done()`` is called as each row finishes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cores, len(detections), 8)
+    if workers < 2 or len(detections) < PARALLEL_FROM:
+        out = []
+        for d in detections:
+            out.append(evaluate_detections(gt, d, image_ids))
+            if on_done:
+                on_done()
+        return out
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ids = [int(i) for i in image_ids]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=(gt.dataset,)) as ex:
+        futures = [ex.submit(_worker_eval, d, ids) for d in detections]
+        out = []
+        for f in futures:
+            out.append(f.result())
+            if on_done:
+                on_done()
+    return out
 
 
 def read_category_map(path) -> dict[str, str]:

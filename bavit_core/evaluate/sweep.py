@@ -24,7 +24,7 @@ from ..data import open_dataset
 from ..data.images import decode_once, resolve_paths, to_input
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
 from ..detection.cocoeval import (category_map_for, coco_ground_truth, detections_from_outputs,
-                                  evaluate_detections, read_category_map)
+                                  evaluate_many, read_category_map)
 from ..detection.pruned import pruned_forward
 from ..detection.selection import (bavit_keep, bavit_priority, dense_keep, oracle_keep, oracle_priority, random_keep,
                                    select_target, sparsity_stats)
@@ -58,11 +58,17 @@ class Row:
         return row_name(self.selector, self.threshold, self.target, self.policy, self.treatment)
 
 
-def _per_treatment(rows: list[Row], treatments: list[str]) -> list[Row]:
+def _per_treatment(rows: list[Row], treatments: list[str], only: list[str] | None = None) -> list[Row]:
     """Every row that prunes, once per treatment of the pruned tokens (the dense row once:
-    with nothing pruned every treatment is the dense model)."""
+    with nothing pruned every treatment is the dense model); with ``only``, rows of other
+    selectors get the first treatment alone."""
+    def of(sel):
+        if sel == "dense":
+            return ["drop"]
+        return treatments if only is None or sel in only else treatments[:1]
+
     return [Row(r.selector, r.threshold, r.keep, policy=r.policy, target=r.target, treatment=t)
-            for r in rows for t in (["drop"] if r.selector == "dense" else treatments)]
+            for r in rows for t in of(r.selector)]
 
 
 def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | None = None,
@@ -153,7 +159,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     bav_timed = None if bavit is None else stores[1][:n_timed]  # the BAViT inputs evaluation saw
 
     rows = _per_treatment(_build_rows(opts, selectors, n, dgrid, probs, oracle_prio),
-                          list(dict.fromkeys(opts.pruned_tokens)))
+                          list(dict.fromkeys(opts.pruned_tokens)), opts.treatments_for)
 
     # ---- detections per row (per shard, gathered in image order) ----------------------------
     stage("detecting")
@@ -178,6 +184,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     stage("COCOeval")
     n_patches = dgrid[0] * dgrid[1]
     dense_g = detector_gflops(det.config, np.full(n, n_patches), n_patches)
+    stats = evaluate_many(gt, [row.detections for row in rows], ids, lambda: tick(1, len(rows)))
     results = []
     for k, row in enumerate(rows):
         sparsity_i = 1.0 - row.keep.reshape(n, -1).mean(axis=1)
@@ -185,7 +192,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         with_bavit = row.selector == "bavit"
         r = {"selector": row.selector, "threshold": row.threshold, "policy": row.policy, "target": row.target}
         r.update(sparsity_stats(row.keep))
-        r.update(evaluate_detections(gt, row.detections, ids))
+        r.update(stats[k])
         r.update(token_columns(sparsity_i, n_patches, det.config.num_hidden_layers,
                                bavit.cfg.n_tokens if bavit else 0, bavit.cfg.depth if bavit else 0, with_bavit,
                                row.treatment))
@@ -197,7 +204,6 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         r.update(timing[k])
         r.update(device=device_name(device), dtype=opts.dtype, batch_size=opts.batch_size, n_images=n)
         results.append(r)
-        tick(1, len(rows))
     stage(None)
 
     out = Path(opts.out)

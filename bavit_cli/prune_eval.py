@@ -36,6 +36,7 @@ def prune_eval_cmd(
     layout: Optional[str] = typer.Option(None, "--layout", help="pack or pad [default: pack on CPU, pad on CUDA]."),
     pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="What happens to pruned tokens: drop (the paper), "
                                       "pool (one mean token) or preserve (frozen keys/values); a comma list adds rows per treatment."),
+    treatments_for: Optional[str] = typer.Option(None, "--treatments-for", help="Comma list of selectors swept over every --pruned-tokens treatment; the others get the first one only [default: all]."),
     timing_images: int = typer.Option(8, "--timing-images", help="Images timed (0 = no timing)."),
     timing_repeats: int = typer.Option(3, "--timing-repeats", help="Round-robin repeats of dense, BAViT and every row (medians, spreads)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Evaluate only the first N images."),
@@ -69,6 +70,7 @@ def prune_eval_cmd(
         timing_repeats=timing_repeats, max_images=max_images, dtype=dtype, device=device, seed=seed, out=str(out),
         runtime=runtime, exported=str(exported) if exported else None,
         pruned_tokens=[s.strip() for s in pruned_tokens.split(",") if s.strip()],
+        treatments_for=[s.strip() for s in treatments_for.split(",") if s.strip()] if treatments_for else None,
     )
     n_stages = len(STAGES) - (0 if model else 1)
     with progress_bar("prune-eval", stages=n_stages) as progress:

@@ -317,6 +317,27 @@ def test_prune_eval_rows_per_pruned_token_treatment(setup, coco_synth, tmp_path)
     assert not (tmp_path / "bad").exists()
 
 
+def test_treatments_for_limits_the_sweep_to_some_selectors(setup, coco_synth, tmp_path):
+    """--treatments-for bavit: only BAViT rows are swept over the treatments (what the demo
+    uses to show preserve beside drop without doubling the baselines); the others get the
+    first treatment, and their rows are the ones a plain run gives."""
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "res", "--thresholds", "0.5", "--selectors", "dense,bavit,oracle",
+                          "--pruned-tokens", "drop,preserve", "--treatments-for", "bavit", "--timing-images", "0")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "res" / "results.csv")))
+    assert [(r["selector"], r["treatment"]) for r in rows] == [
+        ("dense", "drop"), ("bavit", "drop"), ("bavit", "preserve"), ("oracle", "drop")]
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "plain", "--thresholds", "0.5", "--selectors", "oracle",
+                          "--timing-images", "0")
+    assert code == 0, err
+    plain = list(csv.DictReader(open(tmp_path / "plain" / "results.csv")))
+    assert [plain[-1][k] for k in ("map", "sparsity")] == [rows[-1][k] for k in ("map", "sparsity")]
+    for bad, msg in (("dense", "'dense'"), ("bavit,merge", "'merge'")):
+        code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,pool", "--treatments-for", bad)
+        assert (code, err.strip()) == (1, f"Error: unknown --treatments-for selector {msg}; choose from bavit, oracle, random")
+        assert not (tmp_path / "bad").exists()
+
+
 def test_peak_memory_of_a_pruned_forward_is_below_the_dense_one():
     """peak_mem_mb is meaningful on CPU: at 80 % sparsity the pruned forward's own peak is
     well below dense YOLOS's (on a grid big enough for activations to dominate; prune-eval

@@ -80,6 +80,7 @@ class PruneEvalOptions:
     seed: int = 0
     out: str = "results"
     pruned_tokens: list[str] = field(default_factory=lambda: ["drop"])  # treatments of pruned tokens
+    treatments_for: list[str] | None = None  # selectors swept over every treatment; others get the first
     runtime: str = "torch"  # or "onnx": BAViT and the detector run from --exported graphs in ONNX Runtime
     exported: str | None = None
 
@@ -123,6 +124,10 @@ def check_options(opts: PruneEvalOptions) -> None:
     bad = [t for t in treatments if t not in TREATMENTS]
     if bad or not treatments:
         raise OptionError(f"unknown --pruned-tokens {bad[0] if bad else ''!r}; choose from {', '.join(TREATMENTS)}")
+    for s in opts.treatments_for or []:
+        if s not in SELECTORS or s == "dense":
+            raise OptionError(f"unknown --treatments-for selector {s!r}; choose from "
+                              f"{', '.join(x for x in SELECTORS if x != 'dense')}")
     if opts.runtime == "onnx" and treatments != ["drop"]:
         raise OptionError("--runtime onnx evaluates the exported graphs, which drop pruned tokens: "
                           "use --pruned-tokens drop")

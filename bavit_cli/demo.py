@@ -38,6 +38,8 @@ def demo(
         r = run_demo(DemoOptions(out=str(out), quick=quick, train_detector=train_detector, seed=seed, device=device),
                      on_stage=on_stage, progress_for=progress_for)
     print_table(demo_table(r))
+    console.print("preserve: BAViT's tokens, the pruned ones kept as frozen keys/values (--pruned-tokens preserve)",
+                  highlight=False)
     console.print(f"Done in {r['seconds']:.0f} s. Open {r['report']}", highlight=False)
 
 
@@ -50,6 +52,6 @@ def demo_table(r: dict) -> Table:
     rows = list(r["rows"]) + [dict(r["yolos_f"], selector="YOLOS-F")]
     for row in rows:
         noisy = "*" if row.get("timing_noisy") else ""
-        t.add_row(row["selector"], f(row["target"], 2), f"{row['sparsity']:.3f}", f"{row['map']:.3f}",
+        t.add_row("preserve" if row.get("treatment") == "preserve" else row["selector"], f(row["target"], 2), f"{row['sparsity']:.3f}", f"{row['map']:.3f}",
                   f"{row['map50']:.3f}", f"{row['token_reduction_pct']:.1f}%", x(row["detector_speedup"]) + noisy, x(row["speedup"]) + noisy)
     return t

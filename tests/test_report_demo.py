@@ -26,25 +26,33 @@ def test_demo_quick_runs_every_stage_and_points_at_the_report(demo_dir):
         assert (out / f).is_file(), f
     rows = list(csv.DictReader(open(out / "results" / "results.csv")))
     targets = ["0.1", "0.25", "0.4", "0.5", "0.7", "0.85"]
-    assert [(r["selector"], r["target"]) for r in rows] == [("dense", "nan")] + [
-        (s, t) for s in ("bavit", "oracle", "random") for t in targets]
+    assert [(r["selector"], r["target"], r["treatment"]) for r in rows] == [("dense", "nan", "drop")] + [
+        ("bavit", t, k) for t in targets for k in ("drop", "preserve")] + [
+        (s, t, "drop") for s in ("oracle", "random") for t in targets]
     assert (out / "yolos-f" / "config.json").is_file() and (out / "results_yolos_f" / "results.csv").is_file()
 
 
 def test_demo_results_show_the_trade_off(demo_dir):
     """The expected shape on the shipped detector: mAP does not rise with sparsity along
     the bavit rows beyond noise; at 0.5 sparsity bavit and oracle are well above random;
-    sparse fine-tuning (YOLOS-F) beats the un-fine-tuned row at its operating point."""
+    sparse fine-tuning (YOLOS-F) beats the un-fine-tuned row at its operating point;
+    preserving the pruned tokens beats dropping them at the same sparsity."""
     out, _ = demo_dir
     rows = list(csv.DictReader(open(out / "results" / "results.csv")))
     dense = float(rows[0]["map"])
     assert dense >= 0.5  # the shipped detector detects the generated shapes
-    by = {(r["selector"], r["target"]): r for r in rows}
-    bavit = [float(r["map"]) for r in rows if r["selector"] == "bavit"]
+    targets = ["0.1", "0.25", "0.4", "0.5", "0.7", "0.85"]
+    bavit = [float(r["map"]) for r in rows if r["selector"] == "bavit" and r["treatment"] == "drop"]
+    kept_kv = [float(r["map"]) for r in rows if r["treatment"] == "preserve"]
     assert all(b <= a + 0.02 for a, b in zip(bavit, bavit[1:])), bavit
     assert all(m <= dense + 0.02 for m in bavit) and bavit[-1] < bavit[0] - 0.2
     for r in rows[1:]:  # every target reached within one token per image (8x8 grid)
         assert abs(float(r["sparsity"]) - float(r["target"])) <= 1 / 64
+    # preserving the pruned tokens as keys/values (what the demo shows beside drop) helps
+    # at every sparsity and clearly at 0.5
+    assert all(k >= d - 0.02 for d, k in zip(bavit, kept_kv, strict=True)), (bavit, kept_kv)
+    by = {(r["selector"], r["target"]): r for r in rows if r["treatment"] == "drop"}
+    assert kept_kv[targets.index("0.5")] >= float(by[("bavit", "0.5")]["map"]) + 0.03
     at = {s: float(by[(s, "0.5")]["map"]) for s in ("bavit", "oracle", "random")}
     assert at["bavit"] >= at["random"] + 0.05 and at["oracle"] >= at["random"] + 0.1, at
     f = list(csv.DictReader(open(out / "results_yolos_f" / "results.csv")))
@@ -59,7 +67,10 @@ def test_report_tables_figures_and_index(demo_dir):
     assert list(t2[0]) == ["model", "selector", "target", "treatment", "sparsity %", "mAP", "BAViT", "YOLOS", "YOLOS pruned",
                            "YOLOS+BAViT", "% reduction", "speedup"]
     assert t2[0]["model"] == "YOLOS" and t2[1]["model"] == "BAViT+YOLOS" and t2[-1]["model"] == "BAViT+YOLOS-F"
-    assert [r["target"] for r in t2[1:7]] == ["0.10", "0.25", "0.40", "0.50", "0.70", "0.85"]
+    targets = ["0.10", "0.25", "0.40", "0.50", "0.70", "0.85"]
+    for k in ("drop", "preserve"):
+        assert [r["target"] for r in t2 if r["selector"] == "bavit" and r["treatment"] == k
+                and r["model"] == "BAViT+YOLOS"] == targets, k
     details = list(csv.DictReader(open(rep / "table2_details.csv")))
     assert len(details) == len(t2) and {"sparsity p10–p90 %", "latency ms", "dense ms", "peak mem MB", "timing"} <= set(details[0])
     # noisy timing is greyed in the page and said why; clean timing is said to be clean
@@ -107,7 +118,7 @@ def test_index_renders_in_a_headless_browser(demo_dir, tmp_path):
 
 def test_report_adds_the_treatment_figure_when_results_hold_several(demo_dir, tmp_path):
     out, _ = demo_dir
-    rows = list(csv.DictReader(open(out / "results" / "results.csv")))
+    rows = [r for r in csv.DictReader(open(out / "results" / "results.csv")) if r["treatment"] == "drop"]
     extra = []
     for t, scale in (("pool", 1.1), ("preserve", 1.2)):
         for r in rows:
@@ -125,5 +136,11 @@ def test_report_adds_the_treatment_figure_when_results_hold_several(demo_dir, tm
     t2 = list(csv.DictReader(open(tmp_path / "rep" / "table2.csv")))
     n = sum(r["selector"] == "bavit" for r in rows)
     assert n >= 2 and [r["treatment"] for r in t2 if r["selector"] == "bavit"] == ["drop"] * n + ["pool"] * n + ["preserve"] * n
-    code, _, err = run_cli("report", "--results", out / "results", "--out", tmp_path / "rep1")
+    (tmp_path / "drop").mkdir()
+    with open(tmp_path / "drop" / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    code, _, err = run_cli("report", "--results", tmp_path / "drop", "--out", tmp_path / "rep1")
     assert code == 0 and not (tmp_path / "rep1" / "treatments.png").exists()
+    assert "src='treatments.png'" in (out / "report" / "index.html").read_text()  # the demo shows drop and preserve

@@ -12,7 +12,7 @@ from .common import cli_command, console, print_table, progress_bar
 @cli_command
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", help="Directory for every stage's output."),
-    quick: bool = typer.Option(False, "--quick", help="Smaller settings (under 30 s on 2 idle CPU cores)."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller settings (about 40 s on 2 idle CPU cores)."),
     train_detector: bool = typer.Option(False, "--train-detector", help="Train the detector from scratch instead of using the shipped one (long)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated dataset and of training."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),

@@ -50,8 +50,8 @@ class DemoOptions:
         if self.quick:
             return dict(images=120, epochs=8, bavit_batch=8, sparsities=[0.1, 0.25, 0.4, 0.5, 0.7, 0.85],
                         timing_images=2, timing_repeats=3, det_epochs=3, f_epochs=2, f_lr=1e-4, batch=8, examples=3)
-        return dict(images=400, epochs=10, bavit_batch=16, sparsities=[0.1, 0.25, 0.35, 0.5, 0.6, 0.7, 0.85],
-                    timing_images=8, timing_repeats=5, det_epochs=40, f_epochs=2, f_lr=1e-4, batch=8, examples=6)
+        return dict(images=400, epochs=8, bavit_batch=16, sparsities=[0.1, 0.25, 0.35, 0.5, 0.7, 0.85],
+                    timing_images=8, timing_repeats=4, det_epochs=40, f_epochs=2, f_lr=1e-4, batch=8, examples=6)
 
 
 OPERATING_POINT = 0.5  # the target sparsity YOLOS-F is fine-tuned and evaluated at

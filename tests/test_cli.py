@@ -45,7 +45,7 @@ def test_synth_in_worker_processes_writes_the_same_bytes(tmp_path, monkeypatch):
     import bavit_core.data.synthetic as S
 
     monkeypatch.setattr(S, "PARALLEL_FROM", 1)
-    monkeypatch.setattr(S.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr("bavit_core.runtime.workers.usable_cores", lambda: 2)
     S.synth_dataset(tmp_path / "pool", 9, "coco", 4, (64, 80), 0.25)
     monkeypatch.setattr(S, "PARALLEL_FROM", 10 ** 9)
     S.synth_dataset(tmp_path / "one", 9, "coco", 4, (64, 80), 0.25)

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..runtime.errors import InputFileError
+from ..runtime.workers import usable_cores
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -105,7 +106,7 @@ def load_images(
     PIL releases the GIL while decoding and resizing, so threads scale across cores.
     """
     out = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)
-    n_threads = workers if workers > 0 else min(4, os.cpu_count() or 1)
+    n_threads = workers if workers > 0 else min(4, usable_cores())
 
     def one(k):
         out[k] = load_image(paths[k], size)

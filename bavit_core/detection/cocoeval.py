@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from typing import TYPE_CHECKING
 
 from ..data import AnnotationSet
 from ..runtime.errors import BavitError
+from ..runtime import workers as _workers
 
 if TYPE_CHECKING:
     import torch
@@ -118,8 +118,7 @@ def evaluate_many(gt, detections: list[list[dict]], image_ids, on_done=None) -> 
     ``PARALLEL_FROM`` rows the rows are evaluated by worker processes (spawned: no torch in
     them, safe whatever threads this process runs), each computing exactly what this process
     would. ``on_done()`` is called as each row finishes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(cores, len(detections), 8)
+    workers = min(_workers.usable_cores(), len(detections), 8)
     if workers < 2 or len(detections) < PARALLEL_FROM:
         out = []
         for d in detections:
@@ -127,12 +126,8 @@ def evaluate_many(gt, detections: list[list[dict]], image_ids, on_done=None) -> 
             if on_done:
                 on_done()
         return out
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     ids = [int(i) for i in image_ids]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                             initargs=(gt.dataset,)) as ex:
+    with _workers.spawn_pool(workers, _worker_init, (gt.dataset,)) as ex:
         futures = [ex.submit(_worker_eval, d, ids) for d in detections]
         out = []
         for f in futures:

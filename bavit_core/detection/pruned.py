@@ -36,7 +36,8 @@ batch keep different numbers of tokens; two layouts are offered:
 
 (The attention helpers of both layouts live in ``detection/attention.py``.) Short sequences
 on CPU take a third way: at inference (no autograd, eval mode, float32, ``drop`` or
-``pool``) with every image's sequence at most ``NATIVE_MAX_TOKENS`` tokens (high sparsity),
+``pool``) with every image's sequence at most ``NATIVE_MAX_TOKENS`` tokens (high sparsity;
+in a batch, each at least ``NATIVE_MIN_TOKENS_BATCHED``),
 each encoder layer runs as torch's fused native pre-LN encoder layer
 (``torch._transformer_encoder_layer_fwd``, what nn.TransformerEncoderLayer's inference fast
 path calls) on one image's tokens at a time, whatever the layout: the same arithmetic (to
@@ -129,7 +130,7 @@ def _patches(x, ps: int, gh: int, gw: int):
 # torch 2.15, load average ~0.8, 2026-11-21):
 #   2 threads: n=203 0.91, 280 0.93, 360 0.97, 420 0.99, 520 1.02
 #   1 thread:  n=203 0.92, 280 0.94, 360 0.98, 420 1.06, 520 0.99
-# (the lead's idle probe, 2 threads: n=203 0.86, 360 0.98, 612 ~1.1). The crossover is
+# (a second idle probe, 2 threads: n=203 0.86, 360 0.98, 612 ~1.1). The crossover is
 # ~360-420 tokens; 320 keeps a margin at both thread counts. At 512 px YOLOS-tiny
 # (1 + 100 + kept) stays under 320 from ~79 % sparsity up.
 NATIVE_MAX_TOKENS = 320

@@ -336,6 +336,9 @@ def test_treatments_for_limits_the_sweep_to_some_selectors(setup, coco_synth, tm
         code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,pool", "--treatments-for", bad)
         assert (code, err.strip()) == (1, f"Error: unknown --treatments-for selector {msg}; choose from bavit, oracle, random")
         assert not (tmp_path / "bad").exists()
+    code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,pool", "--treatments-for", ",")
+    assert (code, err.strip()) == (1, "Error: --treatments-for is empty; name selectors (e.g. bavit) or leave it out")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_peak_memory_of_a_pruned_forward_is_below_the_dense_one():

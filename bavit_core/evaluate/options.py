@@ -124,6 +124,8 @@ def check_options(opts: PruneEvalOptions) -> None:
     bad = [t for t in treatments if t not in TREATMENTS]
     if bad or not treatments:
         raise OptionError(f"unknown --pruned-tokens {bad[0] if bad else ''!r}; choose from {', '.join(TREATMENTS)}")
+    if opts.treatments_for is not None and not opts.treatments_for:
+        raise OptionError("--treatments-for is empty; name selectors (e.g. bavit) or leave it out")
     for s in opts.treatments_for or []:
         if s not in SELECTORS or s == "dense":
             raise OptionError(f"unknown --treatments-for selector {s!r}; choose from "

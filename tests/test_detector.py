@@ -134,12 +134,12 @@ def test_pruned_forward_equals_transformers_reference(mid, treatment, encoder_pa
         ref_logits, ref_boxes, ref_states = hf_reference(m, x, keep, treatment)
         pack = pruned_forward(m, x, keep, layout="pack", return_hidden=True, treatment=treatment)
         pad = pruned_forward(m, x, keep, layout="pad", return_hidden=True, treatment=treatment)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # pack then attends image by image
+        route = pruned_mod.CPU_PER_IMAGE_MIN_TOKENS
+        pruned_mod.CPU_PER_IMAGE_MIN_TOKENS = 10 ** 6 if route == 0 else 0  # pack's other way to attend
         try:
             pack1 = pruned_forward(m, x, keep, layout="pack", return_hidden=True, treatment=treatment)
         finally:
-            torch.set_num_threads(threads)
+            pruned_mod.CPU_PER_IMAGE_MIN_TOKENS = route
         for out in (pack, pad, pack1):
             torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.pred_boxes, ref_boxes, atol=1e-5, rtol=0)
@@ -282,17 +282,34 @@ def test_native_encoder_layer_taken_only_at_cpu_inference_on_short_sequences(mon
     assert got == [] and out.logits.requires_grad
 
 
+@pytest.mark.parametrize("route", ["per_image", "padded"])
 @pytest.mark.parametrize("treatment", TREATMENTS)
-def test_pruned_forward_has_gradients_for_finetuning(treatment):
+def test_pruned_forward_has_gradients_for_finetuning(treatment, route, monkeypatch):
+    """Gradients through both ways a CPU batch attends equal those of transformers' own
+    layers run on the reference sequence (catches an attention output written into its
+    buffer without autograd seeing it)."""
+    monkeypatch.setattr(pruned_mod, "CPU_PER_IMAGE_MIN_TOKENS", 0 if route == "per_image" else 10 ** 6)
     m = make(mid=True)
     m.train()
-    x = torch.randn(2, 3, 64, 96)
-    keep = torch.rand(2, 4, 6) < 0.6
+    m.config.hidden_dropout_prob = m.config.attention_probs_dropout_prob = 0.0  # deterministic
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 64, 96, generator=g)
+    keep = torch.rand(2, 4, 6, generator=g) < torch.tensor([0.4, 0.8])[:, None, None]
     out = pruned_forward(m, x, keep, treatment=treatment)
     (out.logits.sum() + out.pred_boxes.sum()).backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     assert m.vit.encoder.layer[0].attention.attention.query.weight.grad is not None
     assert m.vit.embeddings.patch_embeddings.projection.weight.grad is not None
     assert m.vit.encoder.interpolation.mid_position_embeddings.grad.abs().sum() > 0
+    m.zero_grad()
+    ref_logits, ref_boxes, _ = hf_reference(m, x, keep, treatment)
+    (ref_logits.sum() + ref_boxes.sum()).backward()
+    for n, p in m.named_parameters():
+        if n in got:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-4, rtol=1e-4, msg=n)
 
 
 def test_load_detector_local_and_errors(tmp_path, monkeypatch):

@@ -13,28 +13,23 @@ import torch.nn.functional as F
 
 def attend_packed(qkv, kv_extra, lengths, extra_lengths, heads, hd, scale, p_drop):
     """Packed attention, one SDPA call per image: queries, keys and values of the computed
-    tokens (T, 3C), and keys/values of frozen tokens (T', 2C) appended per image or None."""
+    tokens (T, 3C), and keys/values of frozen tokens (T', 2C) appended per image or None.
+    Each image's output is written into one (T, C) result (no concatenation afterwards)."""
     t = qkv.shape[0]
-    c = heads * hd
     qkv = qkv.view(t, 3, heads, hd)
     if kv_extra is not None:
         kv_extra = kv_extra.view(-1, 2, heads, hd)
-    if len(lengths) == 1:
-        pieces = [(0, t, 0, 0 if kv_extra is None else kv_extra.shape[0])]
-    else:
-        pieces, s, se = [], 0, 0
-        for n, m in zip(lengths, extra_lengths or [0] * len(lengths)):
-            pieces.append((s, n, se, m))
-            s, se = s + n, se + m
-    outs = []
-    for s, n, se, m in pieces:
+    out = qkv.new_empty(t, heads, hd)
+    s = se = 0
+    for n, m in zip(lengths, extra_lengths or [0] * len(lengths)):
         q, k, v = qkv[s:s + n].permute(1, 2, 0, 3).unbind(0)  # (heads, n, hd) each
         if m:
             ke, ve = kv_extra[se:se + m].permute(1, 2, 0, 3).unbind(0)
             k, v = torch.cat([k, ke], 1), torch.cat([v, ve], 1)
         o = F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=p_drop, scale=scale)
-        outs.append(o[0].transpose(0, 1).reshape(n, c))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        out[s:s + n].copy_(o[0].transpose(0, 1))
+        s, se = s + n, se + m
+    return out.view(t, heads * hd)
 
 
 def attend_pad(qkv, kv_extra, mask, heads, hd, scale, p_drop):

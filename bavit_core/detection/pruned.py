@@ -29,16 +29,16 @@ With nothing pruned every treatment is the original model (tested to 1e-5). Imag
 batch keep different numbers of tokens; two layouts are offered:
 
 * ``pack``: all images' tokens are concatenated into one (T, C) matrix for the Linear
-  layers (no padding work at all); attention runs in one padded call per layer (per image
-  when torch runs single-threaded on CPU, where calls are cheap); best on CPU.
+  layers (no padding work at all); on CPU attention runs image by image on each image's own
+  length (tiny sequences: see ``CPU_PER_IMAGE_MIN_TOKENS``), on GPU in one padded call per
+  layer; best on CPU.
 * ``pad``: (B, L_max, C) with a key-padding mask through ``scaled_dot_product_attention``;
   one kernel call per layer, best on GPU.
 
 (The attention helpers of both layouts live in ``detection/attention.py``.) Short sequences
 on CPU take a third way: at inference (no autograd, eval mode, float32, ``drop`` or
 ``pool``) with every image's sequence at most ``NATIVE_MAX_TOKENS`` tokens (high sparsity;
-in a batch, each at least ``NATIVE_MIN_TOKENS_BATCHED``),
-each encoder layer runs as torch's fused native pre-LN encoder layer
+in a batch, each at least ``NATIVE_MIN_TOKENS_BATCHED``), each encoder layer runs as torch's fused native pre-LN encoder layer
 (``torch._transformer_encoder_layer_fwd``, what nn.TransformerEncoderLayer's inference fast
 path calls) on one image's tokens at a time, whatever the layout: the same arithmetic (to
 ~1e-6) in one kernel instead of a dozen ops, whose fixed costs dominate at a few hundred
@@ -136,11 +136,27 @@ def _patches(x, ps: int, gh: int, gw: int):
 NATIVE_MAX_TOKENS = 320
 # With several images it runs image by image, which pays only when each image's sequence
 # is long enough for its own GEMMs; shorter ones go through the packed loop's larger GEMMs.
-# `python examples/benchmarks/ab_native_batch.py` (batch 8, fused / loop, same machine):
-#   demo detector at 128 px, 15-61 tokens per image: 1.33-2.65 (loop far better)
-#   YOLOS-tiny at 512 px: 124-181 tokens 0.99, 177-232 tokens 0.83
+# `python examples/benchmarks/ab_native_batch.py` (batch 8, fused / loop with per-image
+# attention; 2-core x86 VM, torch 2.15, idle, 2026-11-21):
+#   demo detector at 128 px, 15-61 tokens per image: 1.33-2.33 (loop far better)
+#   YOLOS-tiny at 512 px: 118-179 tokens 1.16, 171-247 tokens 0.95, 230-272 tokens 0.85
 # A single image takes the fused layer at any length up to NATIVE_MAX_TOKENS (0.86-0.93).
 NATIVE_MIN_TOKENS_BATCHED = 160
+
+# How a packed batch attends on CPU: image by image on each image's own length when its
+# longest sequence has at least this many tokens, else in one padded call (the rows
+# scattered into (B, L_max) slots, one masked SDPA call, gathered back; what GPUs always
+# use). Per-image calls pad nothing but each pays a fixed cost, which only tiny sequences
+# notice. `python examples/benchmarks/ab_pack_attention.py [--demo-detector]`, batch 8,
+# padded / per image (2 threads, idle, 2026-11-21):
+#   YOLOS-tiny at 512 px, ms per image: 579-654 tokens 97.2 / 97.9, 311-392 tokens
+#     46.7 / 43.2, 152-250 tokens 23.9 / 21.3
+#   demo detector at 128 px, ms per batch: 66-71 tokens 39.6 / 39.7, 40-46 tokens
+#     27.4 / 28.0, 18-22 tokens 18.4 / 21.1
+# In the whole benchmark (bench_prune.py, docs/performance.md) per-image attention took
+# batch 8 from 0.64-0.84 of the FLOP ideal to 0.74-0.96. (Under a heavy load, load average
+# 6+, the padded call was the faster one at 512 px too: fewer thread wake-ups.)
+CPU_PER_IMAGE_MIN_TOKENS = 64
 
 
 def _native_ok(model, treatment: str, lengths, dtype, dev) -> bool:
@@ -331,7 +347,7 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
         if bool(mask.all()):
             mask = None
         attend = lambda qkv, kv: attend_pad(qkv, kv, mask, heads, hd, scale, p_drop)  # noqa: E731
-    elif b > 1 and (dev.type != "cpu" or torch.get_num_threads() > 1):
+    elif b > 1 and (dev.type != "cpu" or L < CPU_PER_IMAGE_MIN_TOKENS):
         # packed Linear layers, one padded attention call per layer
         img = torch.repeat_interleave(torch.arange(b, device=dev), lens_t)
         dest = img * L + torch.arange(total, device=dev) - starts[img]
@@ -347,7 +363,7 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
             mask = None
         attend = lambda qkv, kv: attend_via_pad(qkv, kv, dest, fdest, b, L, lf, mask, heads, hd,  # noqa: E731
                                                  scale, p_drop)
-    else:  # one image, or one thread: per-image calls cost little and pad nothing
+    else:  # one image, or a batch on CPU: per-image calls pad nothing
         attend = lambda qkv, kv: attend_packed(qkv, kv, lengths, fr_lengths, heads, hd, scale, p_drop)  # noqa: E731
     if not native:
         h = _encode(model, h, frozen, attend, mid_g).reshape(total, c)

@@ -1,32 +1,68 @@
-"""A/B: how a packed batch runs attention in the pruned forward at 2+ threads — one padded
-SDPA call per layer (the default) vs one call per image (what one thread uses).
+"""A/B: how a packed batch attends in the pruned forward on CPU — one padded SDPA call per
+layer vs one call per image on its own length (pruned.CPU_PER_IMAGE_MIN_TOKENS picks).
 
-    python examples/benchmarks/ab_pack_attention.py
+    python examples/benchmarks/ab_pack_attention.py [--demo-detector] [--repeats 7]
 
-YOLOS-tiny shape at 512, random weights, batch 8, per-image sparsity target ± 0.05;
-interleaved, 2 warm-ups, medians of 5, ms per image.
+Default: YOLOS-tiny shape at 512 px, random weights, batch 8, per-image sparsity target
+± 0.05 at 0.5/0.75/0.9, ms per image. --demo-detector: the shipped demo detector at
+128 px (64 patch + 10 detection tokens) at 0.1/0.5/0.85, ms per batch. The fused native
+layer is switched off so both sides run the same per-op loop; interleaved, 2 warm-ups,
+medians.
 """
-import time, statistics, torch, numpy as np
-import bavit_core.detection.pruned as P
-from transformers import YolosForObjectDetection
-from bavit_core.detection.yolos import tiny_yolos_config, init_new_yolos
-torch.manual_seed(0)
-m = YolosForObjectDetection(tiny_yolos_config("tiny")).eval(); init_new_yolos(m)
-x = torch.randn(8, 3, 512, 512)
-rng = np.random.default_rng(0)
-real = torch.get_num_threads  # the per-image path is chosen when torch reports one thread
-P.NATIVE_MAX_TOKENS = 0  # short sequences would otherwise skip both attentions (fused native layers)
-for s in (0.5, 0.75, 0.9):
-    keep = torch.zeros(8, 1024, dtype=torch.bool)
-    for i in range(8):
-        k = int(1024 * (1 - np.clip(s + rng.uniform(-0.05, 0.05), 0, 0.99)))
-        keep[i, rng.choice(1024, k, replace=False)] = True
-    res = {"pad": [], "per": []}
-    with torch.inference_mode():
-        for r in range(7):
-            for mode in ("pad", "per"):
-                P.torch.get_num_threads = real if mode == "pad" else (lambda: 1)
-                t = time.perf_counter(); P.pruned_forward(m, x, keep); dt = time.perf_counter() - t
-                if r >= 2: res[mode].append(dt)
-    P.torch.get_num_threads = real
-    print(s, {k: round(1000 * statistics.median(v) / 8, 1) for k, v in res.items()}, "threads", real())
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo-detector", action="store_true")
+    ap.add_argument("--repeats", type=int, default=7)
+    a = ap.parse_args()
+    import bavit_core.detection.pruned as P
+
+    torch.manual_seed(0)
+    if a.demo_detector:
+        from bavit_core.demo import shipped_detector
+        from bavit_core.detection.yolos import load_detector
+
+        m, size, p, sparsities, per = load_detector(str(shipped_detector())), 128, 64, (0.1, 0.5, 0.85), 1
+    else:
+        from transformers import YolosForObjectDetection
+
+        from bavit_core.detection.yolos import init_new_yolos, tiny_yolos_config
+
+        m = YolosForObjectDetection(tiny_yolos_config("tiny")).eval()
+        init_new_yolos(m)
+        size, p, sparsities, per = 512, 1024, (0.5, 0.75, 0.9), 8
+    x = torch.randn(8, 3, size, size)
+    rng = np.random.default_rng(0)
+    P.NATIVE_MAX_TOKENS = 0
+    n_spec = 1 + m.config.num_detection_tokens
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per {'image' if per == 8 else 'batch of 8'}")
+    for s in sparsities:
+        keep = torch.zeros(8, p, dtype=torch.bool)
+        for i in range(8):
+            k = max(1, int(p * (1 - np.clip(s + rng.uniform(-0.05, 0.05), 0, 0.99))))
+            keep[i, rng.choice(p, k, replace=False)] = True
+        res = {"padded": [], "per image": []}
+        with torch.inference_mode():
+            for r in range(2 + a.repeats):
+                for mode in res:
+                    P.CPU_PER_IMAGE_MIN_TOKENS = 10 ** 6 if mode == "padded" else 0
+                    t = time.perf_counter()
+                    P.pruned_forward(m, x, keep)
+                    if r >= 2:
+                        res[mode].append(time.perf_counter() - t)
+        lens = keep.sum(1) + n_spec
+        print(f"sparsity {s:.2f} ({int(lens.min())}-{int(lens.max())} tokens): "
+              + ", ".join(f"{k} {1000 * statistics.median(v) / per:.1f}" for k, v in res.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """Where the pruned forward's batch-8 time goes, against dense YOLOS-tiny (docs/performance.md).
 
-    python examples/benchmarks/profile_batch8.py [--sparsity 0.5]
+    python examples/benchmarks/profile_batch8.py [--sparsity 0.5] [--batch 8]
 
-1. torch.profiler op totals (self CPU) of dense YOLOS and the pruned forward, batch 8,
+1. torch.profiler op totals (self CPU) of dense YOLOS and the pruned forward, batch 8 (or --batch),
    512 px, random weights, images keeping target ± 0.05 of their tokens (3 calls each).
 2. Scaled dot-product attention on (8, 3, L, 64): no mask, a boolean key mask, a float
    mask, and one call per image on its own length (medians of 9), L = 200-870.
@@ -31,6 +31,7 @@ def median_ms(f, k=9):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--batch", type=int, default=8)
     a = ap.parse_args()
     from torch.profiler import profile
     from transformers import YolosForObjectDetection
@@ -40,9 +41,9 @@ def main():
 
     torch.manual_seed(0)
     det = YolosForObjectDetection(tiny_yolos_config("tiny")).eval()
-    x = torch.randn(8, 3, 512, 512)
+    x = torch.randn(a.batch, 3, 512, 512)
     g = torch.Generator().manual_seed(1)
-    ss = np.clip(np.linspace(a.sparsity - 0.05, a.sparsity + 0.05, 8), 0, 0.98)
+    ss = [a.sparsity] if a.batch == 1 else np.clip(np.linspace(a.sparsity - 0.05, a.sparsity + 0.05, a.batch), 0, 0.98)
     keep = torch.stack([torch.rand(1024, generator=g) >= s for s in ss])
     with torch.inference_mode():
         for f in (lambda: det(pixel_values=x), lambda: pruned_forward(det, x, keep)):

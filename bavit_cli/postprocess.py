@@ -23,7 +23,7 @@ def postprocess(
     Example:
         bavit postprocess --pred preds.parquet --steps 3 --out refined.parquet
     """
-    from bavit_core.bavit.predict import postprocess_predictions
+    from bavit_core.bavit.predfile import postprocess_predictions
 
     r = postprocess_predictions(pred, out, steps, kernel, min_fg)
     hist = r["history"]

@@ -71,7 +71,7 @@ def env(tmp_path_factory, coco_synth):
     assert code == 0, err
     res = d / "results"
     res.mkdir()
-    (res / "results.csv").write_text("selector,threshold,sparsity,map\ndense,,0.0,0.5\n")
+    (res / "results.csv").write_text(_results_csv())
     return {"d": d, "imgs": imgs, "ann": ann, "labels": d / "labels.parquet", "val": d / "val.parquet",
             "run": d / "run", "preds": d / "preds.parquet", "results": res, "coco": coco_synth}
 
@@ -610,11 +610,35 @@ def test_class5_damaged_training_state_refuses_resume_cleanly(env, tmp_path, how
     assert_clean_error(code, out, err, expect)
 
 
+def _results_csv(drop=(), row=None, extra=""):
+    """A results.csv as prune-eval writes it (one dense row), less the columns ``drop``,
+    with ``row``'s values instead of the dense row's, ``extra`` appended to its line."""
+    from bavit_core.evaluate.results import CSV_COLUMNS, TEXT_COLUMNS
+
+    vals = {c: ("dense" if c == "selector" else "drop" if c == "treatment" else "cpu" if c == "device"
+                else "float32" if c == "dtype" else "threshold" if c == "policy" else "False" if c == "timing_noisy"
+                else "0.5") for c in CSV_COLUMNS}
+    assert set(TEXT_COLUMNS) <= set(vals)
+    vals.update(row or {})
+    cols = [c for c in CSV_COLUMNS if c not in drop]
+    return ",".join(cols) + "\n" + ",".join(vals[c] for c in cols) + extra + "\n"
+
+
 REPORT_DAMAGE = {
-    "results.csv without columns": (lambda e, t: _results(t, "a,b\n1,2\n"), "results.csv"),
+    "results.csv without columns": (lambda e, t: _results(t, "a,b\n1,2\n"), "results.csv without column(s)"),
+    "results.csv without one column": (lambda e, t: _results(t, _results_csv(drop=["bavit_tokens"])),
+                                       "results.csv without column(s) bavit_tokens"),
+    "results.csv text in a number column": (lambda e, t: _results(t, _results_csv(row={"map": "high"})),
+                                            "row 2: map is 'high', not a number"),
+    "results.csv text as the target": (lambda e, t: _results(t, _results_csv(row={"target": "abc"})),
+                                       "row 2: target is 'abc', not a number"),
+    "results.csv a row longer than its header": (lambda e, t: _results(t, _results_csv(extra=",7")),
+                                                 "row 2 has more fields than the header"),
+    "finetuned results.csv without columns": (lambda e, t: ["--results", e["results"], "--finetuned-results",
+                                                            _results(t, "a,b\n1,2\n")[1]], "results.csv without"),
     "results.csv empty": (lambda e, t: _results(t, ""), "results.csv"),
     "results.csv binary": (lambda e, t: _results(t, "\x00\x01\x02"), "results.csv"),
-    "meta.json unreadable": (lambda e, t: _results(t, "selector,threshold,sparsity,map\ndense,,0,0.5\n", meta="{x"), "meta.json"),
+    "meta.json unreadable": (lambda e, t: _results(t, _results_csv(), meta="{x"), "meta.json"),
     "metrics.jsonl unreadable": (lambda e, t: _run_metrics(e, t, "{not json\n"), "metrics.jsonl"),
     "metrics.jsonl rows not objects": (lambda e, t: _run_metrics(e, t, "[1]\n"), "metrics.jsonl"),
 }
@@ -950,13 +974,18 @@ def test_class11_warnings_never_come_before_the_error_line(env, tmp_path, monkey
     assert_clean_error(code, out, err, "no usable images")
 
 
-def test_class11_help_and_label_do_not_import_torch(env, tmp_path):
+def test_class11_help_label_postprocess_report_do_not_import_torch(env, tmp_path):
+    """Commands that need no model load no torch (3-4 s of a 2-core machine's start-up):
+    catches a module-level torch import creeping into their path."""
     code = ("import sys; from typer.testing import CliRunner; from bavit_cli.main import app; "
-            "r = CliRunner().invoke(app, sys.argv[1:]); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(app, sys.argv[1:]); assert r.exit_code == 0, (r.output, repr(r.exception)); "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     envv = dict(os.environ, PYTHONPATH=str(ROOT))
     for args in (["--help"], ["label", "--ann", str(env["ann"]), "--images", str(env["imgs"]),
-                              "--out", str(tmp_path / "l.parquet")]):
+                              "--out", str(tmp_path / "l.parquet")],
+                 ["postprocess", "--pred", str(env["preds"]), "--out", str(tmp_path / "r.parquet")],
+                 ["report", "--results", str(env["results"]), "--train-run", str(env["run"]),
+                  "--pred", str(env["preds"]), "--out", str(tmp_path / "rep")]):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=envv, timeout=120)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["False", "False"], args

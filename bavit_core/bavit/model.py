@@ -15,12 +15,10 @@ from torch import nn
 
 from ..data.grid import GridSpec
 from ..runtime.errors import BavitError, InputFileError, OptionError
+from .runfiles import CONFIG_FILE, LAST_FILE, MODEL_FILE  # the run directory's file names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODEL_FILE = "model.safetensors"
-LAST_FILE = "last.safetensors"
-CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -289,13 +287,6 @@ def load_bavit(run: str | Path, which: str = "best", device: str | torch.device 
         raise InputFileError(wfile, f"weights do not match the config (missing {len(missing)}, unexpected {len(unexpected)})")
     model.cfg = ModelConfig.from_dict(cfg_doc["model"])
     return model.to(device).eval()
-
-
-def read_run_config(run: str | Path) -> dict:
-    p = Path(run) / CONFIG_FILE
-    if not p.is_file():
-        raise InputFileError(p, "not a bavit run directory (config.json missing)")
-    return json.loads(p.read_text())
 
 
 def count_params(model: nn.Module) -> int:

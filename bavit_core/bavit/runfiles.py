@@ -8,18 +8,27 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .. import __version__
 from ..runtime.errors import InputFileError
 from ..runtime.fileio import atomic_path, atomic_write_text, read_training_state, sha256_file
-from .model import CONFIG_FILE, LAST_FILE, MODEL_FILE, save_weights
 
 if TYPE_CHECKING:
     from .train import TrainOptions
 
+# A run directory's files (this module imports no torch: reading a run's config and
+# metrics, as `bavit report` does, needs none)
+MODEL_FILE = "model.safetensors"
+LAST_FILE = "last.safetensors"
+CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
+
+
+def read_run_config(run: str | Path) -> dict:
+    p = Path(run) / CONFIG_FILE
+    if not p.is_file():
+        raise InputFileError(p, "not a bavit run directory (config.json missing)")
+    return json.loads(p.read_text())
 
 
 
@@ -61,6 +70,8 @@ class RunFiles:
         self.out, self.main, self.config = out, main, None
 
     def commit(self, model, optim, sched, epoch, best, best_epoch, rows):
+        import torch
+
         out = self.out
         if self.config is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +88,8 @@ class RunFiles:
 
     def restore(self, model, rows, epoch, best_epoch):
         """(Re)write the files derived from the state of ``epoch``."""
+        from .model import save_weights
+
         if best_epoch == epoch:
             save_weights(model, self.out / MODEL_FILE, {"epoch": epoch, "score": rows[-1].get(
                 "val_accuracy", rows[-1].get("train_accuracy"))})
@@ -85,6 +98,8 @@ class RunFiles:
 
 
 def write_config(out, opts, cfg, lab_meta, info, n_train, n_val, world, hashes=None):
+    import torch
+
     doc = {
         "bavit_version": __version__,
         "torch_version": torch.__version__,

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import __version__
 from ..detection.cocoeval import STAT_NAMES
@@ -57,6 +56,7 @@ def _write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavi
     for row in rows:
         atomic_write_text(out / "detections" / f"{row.name}.json",
                           json.dumps(row.detections))
+    import torch
     import transformers
 
     meta = {

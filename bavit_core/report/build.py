@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluate.results import row_name
-from ..evaluate.sweep import read_results
+from ..evaluate.results import TEXT_COLUMNS, row_name
+from ..evaluate.results import read_results
 from ..runtime.errors import InputFileError
 from ..runtime.fileio import atomic_write_text
 from . import figures
@@ -54,19 +54,9 @@ def _check_inputs(inp: ReportInputs) -> None:
     metrics.jsonl) are one clean error before anything is drawn."""
     from ..runtime.errors import InputFileError
 
+    for d in [r for r in (inp.results, inp.finetuned_results) if r]:
+        _check_results(d)
     if inp.results:
-        import csv
-
-        p = Path(inp.results) / "results.csv"
-        try:
-            rows = read_results(inp.results)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise InputFileError(p, f"unreadable results.csv ({str(exc)[:80]})") from None
-        if not rows:
-            raise InputFileError(p, "results.csv holds no rows")
-        missing = [c for c in ("selector", "threshold", "sparsity") if c not in rows[0]]
-        if missing:
-            raise InputFileError(p, f"results.csv without column(s) {', '.join(missing)} (not from bavit prune-eval?)")
         mp = Path(inp.results) / "meta.json"
         if mp.is_file():
             try:
@@ -86,6 +76,43 @@ def _check_inputs(inp: ReportInputs) -> None:
                 rows = None
             if rows is None or not all(isinstance(r, dict) and "epoch" in r for r in rows):
                 raise InputFileError(mf, "unreadable metrics.jsonl (each line must be a JSON object with an epoch)")
+
+
+# The results.csv number columns the report cannot do without
+REPORT_NUMBERS = ("sparsity", "map", "map50", "map75", "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens",
+                  "total_tokens", "token_reduction_pct", "gflops", "latency_ms", "throughput_ips",
+                  "dense_latency_ms", "speedup", "detector_speedup", "flop_speedup", "peak_mem_mb")
+
+
+def _check_results(results_dir) -> None:
+    """results.csv is prune-eval's: the columns the report reads, and every column but the
+    text ones a number (or empty)."""
+    import csv
+    import math
+
+    from ..runtime.errors import InputFileError
+
+    p = Path(results_dir) / "results.csv"
+    try:
+        rows = read_results(results_dir)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise InputFileError(p, f"unreadable results.csv ({str(exc)[:80]})") from None
+    if not rows:
+        raise InputFileError(p, "results.csv holds no rows")
+    missing = [c for c in ("selector", "threshold", *REPORT_NUMBERS) if c not in rows[0]]
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise InputFileError(p, f"results.csv without column(s) {', '.join(missing[:4])}{more} (not from bavit prune-eval?)")
+    for i, r in enumerate(rows):
+        if None in r:
+            raise InputFileError(p, f"row {i + 2} has more fields than the header")
+        for c, v in r.items():
+            if c in TEXT_COLUMNS or c == "timing_noisy" or isinstance(v, float):
+                continue
+            if v == "" or v is None:  # a short row, or a column this row has no value for
+                r[c] = math.nan
+            else:
+                raise InputFileError(p, f"row {i + 2}: {c} is {str(v)[:40]!r}, not a number")
 
 
 def _build_report(inp: ReportInputs, progress=None) -> dict:
@@ -146,7 +173,7 @@ def _build_report(inp: ReportInputs, progress=None) -> dict:
         atomic_write_text(out / "table1.md", _markdown(t1))
         tables["Table 1: token classification accuracy"] = t1
     for run in inp.train_runs:
-        from ..bavit.train import read_metrics
+        from ..bavit.runfiles import read_metrics
 
         ms = read_metrics(run)
         if ms:
@@ -185,7 +212,7 @@ def _image_figures(inp: ReportInputs, rows, meta, out: Path) -> list:
     figs = []
     if not inp.pred:
         return figs
-    from ..bavit.predict import read_predictions
+    from ..bavit.predfile import read_predictions
 
     p = read_predictions(inp.pred)
     img_dir = Path(inp.images or p.meta.get("images_dir") or ".")

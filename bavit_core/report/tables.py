@@ -91,8 +91,8 @@ def table2_details(rows: list[dict]) -> list[dict]:
 def table1(train_runs: list[str], pred: str | None) -> list[dict]:
     """Table-1 style token accuracy: one row per training run (best val epoch) and per
     predictions file with GT."""
-    from ..bavit.model import read_run_config
-    from ..bavit.train import read_metrics
+    from ..bavit.runfiles import read_run_config
+    from ..bavit.runfiles import read_metrics
 
     rows = []
     for run in train_runs:
@@ -109,7 +109,7 @@ def table1(train_runs: list[str], pred: str | None) -> list[dict]:
                      "accuracy %": _fmt(100 * best[f"{pre}_accuracy"]), "FG recall %": _fmt(100 * best[f"{pre}_recall"]),
                      "FG IoU %": _fmt(100 * best[f"{pre}_iou"])})
     if pred:
-        from ..bavit.predict import read_predictions
+        from ..bavit.predfile import read_predictions
 
         p = read_predictions(pred)
         m = p.meta.get("metrics")

@@ -3,10 +3,12 @@
 imported the library lazily). Runs are interleaved, the first round is a warm-up; prints
 medians with IQR/median.
 
-    python examples/benchmarks/bench_startup.py [--rounds 7] [--old-tree DIR]
+    python examples/benchmarks/bench_startup.py [--rounds 7] [--old-tree DIR] [--demo DIR]
 
 ``--old-tree`` adds the same commands run from another checkout (e.g. ``git worktree add
-/tmp/old 794b0d7``) for a before/after comparison in one process run."""
+/tmp/old 794b0d7``) for a before/after comparison in one process run. ``--demo`` (the output
+folder of ``bavit demo``) adds ``bavit postprocess`` of its predictions and ``bavit report``
+of its results, BAViT run and predictions: commands that load no model."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +41,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--old-tree", type=Path, default=None)
+    ap.add_argument("--demo", type=Path, default=None, help="a `bavit demo` output folder")
     a = ap.parse_args()
     d = Path(tempfile.mkdtemp())
     from PIL import Image
@@ -56,9 +59,17 @@ def main():
     cases = {"bavit --help": ([py, "-m", "bavit_cli", "--help"], ROOT),
              "bavit label (2 images)": ([py, "-m", "bavit_cli", *label], ROOT),
              "python -c 'import torch'": ([py, "-c", "import torch"], ROOT)}
+    if a.demo:
+        dm = a.demo.resolve()
+        cases["bavit postprocess (demo)"] = ([py, "-m", "bavit_cli", "postprocess", "--pred", str(dm / "preds.parquet"),
+                                              "--out", str(d / "r.parquet")], ROOT)
+        cases["bavit report (demo)"] = ([py, "-m", "bavit_cli", "report", "--results", str(dm / "results"),
+                                         "--train-run", str(dm / "bavit-small"), "--pred", str(dm / "preds.parquet"),
+                                         "--out", str(d / "rep")], ROOT)
     if a.old_tree:
-        cases["old bavit --help"] = ([py, "-m", "bavit_cli", "--help"], a.old_tree)
-        cases["old bavit label (2 images)"] = ([py, "-m", "bavit_cli", *label], a.old_tree)
+        for k in list(cases):
+            if k.startswith("bavit"):
+                cases["old " + k] = (cases[k][0], a.old_tree)
     res = {k: [] for k in cases}
     for r in range(a.rounds + 1):
         for k, (cmd, pp) in cases.items():

@@ -17,9 +17,8 @@ for depth in $DEPTHS; do
 done
 python - "$OUT" $DEPTHS <<'PY'
 import sys
-from bavit_core import read_labels
-from bavit_core.baselines import baseline_metrics
-from bavit_core.predict import read_predictions
+from bavit_core import read_labels, read_predictions
+from bavit_core.bavit.baselines import baseline_metrics
 out = sys.argv[1]
 tr, va = read_labels(f"{out}/train.parquet"), read_labels(f"{out}/val.parquet")
 rows = baseline_metrics(tr.grids, va.grids)

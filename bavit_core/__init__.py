@@ -26,7 +26,7 @@ _EXPORTS = {
     "read_labels": "labels",
     "TrainOptions": "bavit.train",
     "train_bavit": "bavit.train",
-    "read_metrics": "bavit.train",
+    "read_metrics": "bavit.runfiles",
     "load_bavit": "bavit.model",
     "predict": "bavit.predict",
     "read_predictions": "bavit.predfile",

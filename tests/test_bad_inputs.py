@@ -629,11 +629,11 @@ REPORT_DAMAGE = {
     "results.csv without one column": (lambda e, t: _results(t, _results_csv(drop=["bavit_tokens"])),
                                        "results.csv without column(s) bavit_tokens"),
     "results.csv text in a number column": (lambda e, t: _results(t, _results_csv(row={"map": "high"})),
-                                            "row 2: map is 'high', not a number"),
+                                            "line 2: map is 'high', not a number"),
     "results.csv text as the target": (lambda e, t: _results(t, _results_csv(row={"target": "abc"})),
-                                       "row 2: target is 'abc', not a number"),
+                                       "line 2: target is 'abc', not a number"),
     "results.csv a row longer than its header": (lambda e, t: _results(t, _results_csv(extra=",7")),
-                                                 "row 2 has more fields than the header"),
+                                                 "line 2 has more fields than the header"),
     "finetuned results.csv without columns": (lambda e, t: ["--results", e["results"], "--finetuned-results",
                                                             _results(t, "a,b\n1,2\n")[1]], "results.csv without"),
     "results.csv empty": (lambda e, t: _results(t, ""), "results.csv"),
@@ -658,6 +658,32 @@ def _run_metrics(e, t, text):
     shutil.copytree(e["run"], r)
     (r / "metrics.jsonl").write_text(text)
     return ["--train-run", r]
+
+
+REPORT_TOLERATED = {
+    "an empty number cell": lambda: _results_csv(row={"map": "", "speedup": "", "target": ""}),
+    "a short row": lambda: _results_csv().rstrip("\n").rsplit(",", 6)[0] + "\n",
+    "a byte-order mark": lambda: "\ufeff" + _results_csv(),
+    "a column prune-eval does not write": lambda: _results_csv().replace("\n", ",note\n", 1).rstrip("\n") + ",hi\n",
+}
+
+
+@pytest.mark.parametrize("how", list(REPORT_TOLERATED))
+def test_class5_results_csv_a_user_may_have_touched_still_reports(env, tmp_path, how):
+    """Empty cells are NaN (a traceback before), a BOM is not part of the first column's
+    name, and extra columns are left alone."""
+    code, out, err = run_cli("report", *_results(tmp_path, REPORT_TOLERATED[how]()), "--out", tmp_path / "rep")
+    assert code == 0, err
+    assert (tmp_path / "rep" / "index.html").is_file() and (tmp_path / "rep" / "table2.csv").is_file()
+
+
+def test_class5_results_csv_errors_name_the_file_line(env, tmp_path):
+    """The line counts blank lines, which the CSV reader skips."""
+    text = _results_csv()
+    head, row = text.splitlines()
+    code, out, err = run_cli("report", *_results(tmp_path, f"{head}\n\n{row}\n{row.replace('0.5', 'x', 1)}\n"),
+                             "--out", tmp_path / "rep")
+    assert_clean_error(code, out, err, "line 4: threshold is 'x', not a number")
 
 
 @pytest.mark.parametrize("how", list(REPORT_DAMAGE))

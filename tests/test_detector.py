@@ -134,12 +134,12 @@ def test_pruned_forward_equals_transformers_reference(mid, treatment, encoder_pa
         ref_logits, ref_boxes, ref_states = hf_reference(m, x, keep, treatment)
         pack = pruned_forward(m, x, keep, layout="pack", return_hidden=True, treatment=treatment)
         pad = pruned_forward(m, x, keep, layout="pad", return_hidden=True, treatment=treatment)
-        route = pruned_mod.CPU_PER_IMAGE_MIN_TOKENS
-        pruned_mod.CPU_PER_IMAGE_MIN_TOKENS = 10 ** 6 if route == 0 else 0  # pack's other way to attend
+        route = pruned_mod._padded_on_cpu
+        pruned_mod._padded_on_cpu = lambda keys: not route(keys)  # pack's other way to attend
         try:
             pack1 = pruned_forward(m, x, keep, layout="pack", return_hidden=True, treatment=treatment)
         finally:
-            pruned_mod.CPU_PER_IMAGE_MIN_TOKENS = route
+            pruned_mod._padded_on_cpu = route
         for out in (pack, pad, pack1):
             torch.testing.assert_close(out.logits, ref_logits, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.pred_boxes, ref_boxes, atol=1e-5, rtol=0)
@@ -288,7 +288,7 @@ def test_pruned_forward_has_gradients_for_finetuning(treatment, route, monkeypat
     """Gradients through both ways a CPU batch attends equal those of transformers' own
     layers run on the reference sequence (catches an attention output written into its
     buffer without autograd seeing it)."""
-    monkeypatch.setattr(pruned_mod, "CPU_PER_IMAGE_MIN_TOKENS", 0 if route == "per_image" else 10 ** 6)
+    monkeypatch.setattr(pruned_mod, "_padded_on_cpu", lambda keys: route == "padded")
     m = make(mid=True)
     m.train()
     m.config.hidden_dropout_prob = m.config.attention_probs_dropout_prob = 0.0  # deterministic

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..data.grid import GridSpec
 from ..runtime.errors import BavitError, InputFileError, OptionError
-from .runfiles import CONFIG_FILE, LAST_FILE, MODEL_FILE  # the run directory's file names
+# the run directory's file names and config reader (they live in the torch-free runfiles)
+from .runfiles import CONFIG_FILE, LAST_FILE, MODEL_FILE, read_run_config  # noqa: F401 - re-exported
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -30,8 +30,8 @@ batch keep different numbers of tokens; two layouts are offered:
 
 * ``pack``: all images' tokens are concatenated into one (T, C) matrix for the Linear
   layers (no padding work at all); on CPU attention runs image by image on each image's own
-  length (tiny sequences: see ``CPU_PER_IMAGE_MIN_TOKENS``), on GPU in one padded call per
-  layer; best on CPU.
+  length (short ones with several threads: see ``CPU_PER_IMAGE_MIN_TOKENS``), on GPU in one
+  padded call per layer; best on CPU.
 * ``pad``: (B, L_max, C) with a key-padding mask through ``scaled_dot_product_attention``;
   one kernel call per layer, best on GPU.
 
@@ -143,20 +143,32 @@ NATIVE_MAX_TOKENS = 320
 # A single image takes the fused layer at any length up to NATIVE_MAX_TOKENS (0.86-0.93).
 NATIVE_MIN_TOKENS_BATCHED = 160
 
-# How a packed batch attends on CPU: image by image on each image's own length when its
-# longest sequence has at least this many tokens, else in one padded call (the rows
-# scattered into (B, L_max) slots, one masked SDPA call, gathered back; what GPUs always
-# use). Per-image calls pad nothing but each pays a fixed cost, which only tiny sequences
-# notice. `python examples/benchmarks/ab_pack_attention.py [--demo-detector]`, batch 8,
-# padded / per image (2 threads, idle, 2026-11-21):
-#   YOLOS-tiny at 512 px, ms per image: 579-654 tokens 97.2 / 97.9, 311-392 tokens
+# How a packed batch attends on CPU with several threads: image by image on each image's
+# own length when its attention is long enough (the longest computed sequence plus the
+# longest run of frozen keys, ``preserve``, at least this many tokens), else in one padded
+# call (the rows scattered into (B, L_max) slots, one masked SDPA call, gathered back; what
+# GPUs always use). Per-image calls pad nothing but each pays a fixed cost (and, for
+# ``preserve``, a key/value concatenation), which short sequences notice. With one thread
+# the per-image calls are always taken (no thread wake-ups to save).
+# `python examples/benchmarks/ab_pack_attention.py [--demo-detector] [--treatment T]`,
+# batch 8, padded / per image, 2 threads, idle, 2026-11-21:
+#   YOLOS-tiny at 512 px, drop, ms per image: 579-654 tokens 97.2 / 97.9, 311-392 tokens
 #     46.7 / 43.2, 152-250 tokens 23.9 / 21.3
-#   demo detector at 128 px, ms per batch: 66-71 tokens 39.6 / 39.7, 40-46 tokens
-#     27.4 / 28.0, 18-22 tokens 18.4 / 21.1
+#   demo detector at 128 px (64 patches + 11), ms per batch: drop 66-71 tokens 39.6 / 39.7,
+#     40-46 tokens 27.4 / 28.0, 18-22 tokens 18.4 / 21.1; preserve (75 keys each)
+#     34.4 / 40.2, 26.4 / 31.0, 23.4 / 26.3
+#   (1 thread, drop, demo detector: 65.1 / 62.2, 37.7 / 37.2, 20.7 / 21.8)
 # In the whole benchmark (bench_prune.py, docs/performance.md) per-image attention took
-# batch 8 from 0.64-0.84 of the FLOP ideal to 0.74-0.96. (Under a heavy load, load average
-# 6+, the padded call was the faster one at 512 px too: fewer thread wake-ups.)
-CPU_PER_IMAGE_MIN_TOKENS = 64
+# YOLOS-tiny at batch 8 from 0.64-0.84 of the FLOP ideal to 0.85-0.96 at 0.25-0.75
+# sparsity (0.74-0.86 at 0.9). (Under a heavy load, load average 6+, the padded call was the
+# faster one at 512 px too: fewer thread wake-ups.)
+CPU_PER_IMAGE_MIN_TOKENS = 96
+
+
+def _padded_on_cpu(keys: int) -> bool:
+    """Whether a packed batch on CPU attends in one padded call: several threads and fewer
+    than ``CPU_PER_IMAGE_MIN_TOKENS`` keys in its longest attention."""
+    return torch.get_num_threads() > 1 and keys < CPU_PER_IMAGE_MIN_TOKENS
 
 
 def _native_ok(model, treatment: str, lengths, dtype, dev) -> bool:
@@ -347,7 +359,7 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
         if bool(mask.all()):
             mask = None
         attend = lambda qkv, kv: attend_pad(qkv, kv, mask, heads, hd, scale, p_drop)  # noqa: E731
-    elif b > 1 and (dev.type != "cpu" or L < CPU_PER_IMAGE_MIN_TOKENS):
+    elif b > 1 and (dev.type != "cpu" or _padded_on_cpu(L + max(fr_lengths or [0]))):
         # packed Linear layers, one padded attention call per layer
         img = torch.repeat_interleave(torch.arange(b, device=dev), lens_t)
         dest = img * L + torch.arange(total, device=dev) - starts[img]

@@ -87,19 +87,30 @@ def _write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavi
 
 
 def read_results(results_dir) -> list[dict]:
+    """results.csv's rows: numbers as floats (an empty cell, or one a short row lacks, as
+    NaN), text columns as text, ``timing_noisy`` as a bool; a value that is not a number
+    stays as read (``report`` refuses it). Each row's ``_line`` is its line in the file."""
     p = Path(results_dir) / "results.csv"
     if not p.is_file():
         raise InputFileError(p, "results file not found (run bavit prune-eval first)")
-    with open(p) as f:
-        rows = list(csv.DictReader(f))
+    rows = []
+    with open(p, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM (a spreadsheet's save) is no column name
+        reader = csv.DictReader(f)
+        for r in reader:
+            r["_line"] = reader.line_num
+            rows.append(r)
     for r in rows:
         r.setdefault("treatment", "drop")  # results written before treatments existed
         if "timing_noisy" in r:
             r["timing_noisy"] = r["timing_noisy"] == "True"
         for k, v in r.items():
-            if k not in TEXT_COLUMNS and k != "timing_noisy":
-                try:
-                    r[k] = float(v)
-                except (TypeError, ValueError):
-                    pass
+            if k in TEXT_COLUMNS or k in ("timing_noisy", "_line", None):
+                continue
+            if v is None or v == "":
+                r[k] = math.nan
+                continue
+            try:
+                r[k] = float(v)
+            except (TypeError, ValueError):
+                pass
     return rows

@@ -78,18 +78,18 @@ def _check_inputs(inp: ReportInputs) -> None:
                 raise InputFileError(mf, "unreadable metrics.jsonl (each line must be a JSON object with an epoch)")
 
 
-# The results.csv number columns the report cannot do without
+# The results.csv columns the report cannot do without
 REPORT_NUMBERS = ("sparsity", "map", "map50", "map75", "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens",
                   "total_tokens", "token_reduction_pct", "gflops", "latency_ms", "throughput_ips",
-                  "dense_latency_ms", "speedup", "detector_speedup", "flop_speedup", "peak_mem_mb")
+                  "dense_latency_ms", "speedup", "detector_speedup", "flop_speedup", "peak_mem_mb", "batch_size")
 
 
 def _check_results(results_dir) -> None:
-    """results.csv is prune-eval's: the columns the report reads, and every column but the
-    text ones a number (or empty)."""
+    """results.csv is prune-eval's: the columns the report reads, and a number (or an empty
+    cell) in each of prune-eval's number columns; columns it does not know are left alone."""
     import csv
-    import math
 
+    from ..evaluate.results import CSV_COLUMNS
     from ..runtime.errors import InputFileError
 
     p = Path(results_dir) / "results.csv"
@@ -99,20 +99,17 @@ def _check_results(results_dir) -> None:
         raise InputFileError(p, f"unreadable results.csv ({str(exc)[:80]})") from None
     if not rows:
         raise InputFileError(p, "results.csv holds no rows")
-    missing = [c for c in ("selector", "threshold", *REPORT_NUMBERS) if c not in rows[0]]
+    missing = [c for c in ("selector", "threshold", "device", *REPORT_NUMBERS) if c not in rows[0]]
     if missing:
         more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
         raise InputFileError(p, f"results.csv without column(s) {', '.join(missing[:4])}{more} (not from bavit prune-eval?)")
-    for i, r in enumerate(rows):
+    for r in rows:
         if None in r:
-            raise InputFileError(p, f"row {i + 2} has more fields than the header")
-        for c, v in r.items():
-            if c in TEXT_COLUMNS or c == "timing_noisy" or isinstance(v, float):
-                continue
-            if v == "" or v is None:  # a short row, or a column this row has no value for
-                r[c] = math.nan
-            else:
-                raise InputFileError(p, f"row {i + 2}: {c} is {str(v)[:40]!r}, not a number")
+            raise InputFileError(p, f"line {r['_line']} has more fields than the header")
+        for c in CSV_COLUMNS:
+            v = r.get(c)
+            if c not in TEXT_COLUMNS and c != "timing_noisy" and v is not None and not isinstance(v, float):
+                raise InputFileError(p, f"line {r['_line']}: {c} is {str(v)[:40]!r}, not a number")
 
 
 def _build_report(inp: ReportInputs, progress=None) -> dict:

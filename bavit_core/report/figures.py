@@ -51,7 +51,7 @@ def map_vs_sparsity(rows, path: Path, finetuned=()) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     groups = _by_selector(rows)
-    top = max([r["map"] for r in rows] + [r["map"] for r in finetuned] + [1e-3])
+    top = max([r["map"] for r in [*rows, *finetuned] if not _isnan(r["map"])] + [1e-3])  # NaN: an empty cell
     for sel, rs in groups.items():
         if sel == "dense":
             ax.axhline(rs[0]["map"], color=COLORS["dense"], ls="--", label=f"{LABELS['dense']} ({rs[0]['map']:.3f})")
@@ -110,7 +110,8 @@ def speedup_vs_sparsity(rows, path: Path, ideal: tuple[np.ndarray, np.ndarray] |
     ax.set_xlim(0, 100)
     ax.set_xlabel("sparsity (% of patch tokens pruned)")
     ax.set_ylabel("speedup over dense YOLOS (x)")
-    ax.set_title(f"Measured speed ({rows[0]['device']}, batch {int(rows[0]['batch_size'])})" if rows else "Speed",
+    bs = rows[0]["batch_size"] if rows else math.nan
+    ax.set_title(f"Measured speed ({rows[0]['device']}{'' if _isnan(bs) else f', batch {int(bs)}'})" if rows else "Speed",
                  fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)

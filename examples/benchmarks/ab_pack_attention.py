@@ -1,7 +1,7 @@
 """A/B: how a packed batch attends in the pruned forward on CPU — one padded SDPA call per
-layer vs one call per image on its own length (pruned.CPU_PER_IMAGE_MIN_TOKENS picks).
+layer vs one call per image on its own length (pruned.CPU_PER_IMAGE_MIN_TOKENS picks with several threads).
 
-    python examples/benchmarks/ab_pack_attention.py [--demo-detector] [--repeats 7]
+    python examples/benchmarks/ab_pack_attention.py [--demo-detector] [--treatment drop] [--repeats 7]
 
 Default: YOLOS-tiny shape at 512 px, random weights, batch 8, per-image sparsity target
 ± 0.05 at 0.5/0.75/0.9, ms per image. --demo-detector: the shipped demo detector at
@@ -23,6 +23,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo-detector", action="store_true")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--treatment", default="drop", choices=["drop", "pool", "preserve"])
     a = ap.parse_args()
     import bavit_core.detection.pruned as P
 
@@ -44,7 +45,8 @@ def main():
     rng = np.random.default_rng(0)
     P.NATIVE_MAX_TOKENS = 0
     n_spec = 1 + m.config.num_detection_tokens
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per {'image' if per == 8 else 'batch of 8'}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.treatment}; "
+          f"ms per {'image' if per == 8 else 'batch of 8'}")
     for s in sparsities:
         keep = torch.zeros(8, p, dtype=torch.bool)
         for i in range(8):
@@ -54,9 +56,9 @@ def main():
         with torch.inference_mode():
             for r in range(2 + a.repeats):
                 for mode in res:
-                    P.CPU_PER_IMAGE_MIN_TOKENS = 10 ** 6 if mode == "padded" else 0
+                    P._padded_on_cpu = (lambda keys: True) if mode == "padded" else (lambda keys: False)
                     t = time.perf_counter()
-                    P.pruned_forward(m, x, keep)
+                    P.pruned_forward(m, x, keep, treatment=a.treatment)
                     if r >= 2:
                         res[mode].append(time.perf_counter() - t)
         lens = keep.sum(1) + n_spec

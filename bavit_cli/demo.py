@@ -25,7 +25,6 @@ def demo(
     """
     from bavit_core.demo import STAGES, DemoOptions, run_demo
 
-
     def on_stage(stage, msg):
         console.print(f"[bold green]✓[/] [bold]{stage:<11}[/] {msg}", highlight=False)
 

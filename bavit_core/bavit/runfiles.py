@@ -31,7 +31,6 @@ def read_run_config(run: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
-
 def load_state(path: Path) -> dict:
     return read_training_state(path, ("epoch", "best", "optimizer", "scheduler", "model", "rows"))
 

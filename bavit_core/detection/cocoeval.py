@@ -118,23 +118,21 @@ def evaluate_many(gt, detections: list[list[dict]], image_ids, on_done=None) -> 
     ``PARALLEL_FROM`` rows the rows are evaluated by worker processes (spawned: no torch in
     them, safe whatever threads this process runs), each computing exactly what this process
     would. ``on_done()`` is called as each row finishes."""
-    workers = min(_workers.usable_cores(), len(detections), 8)
-    if workers < 2 or len(detections) < PARALLEL_FROM:
+    def collect(results) -> list[dict[str, float]]:
         out = []
-        for d in detections:
-            out.append(evaluate_detections(gt, d, image_ids))
+        for r in results:
+            out.append(r)
             if on_done:
                 on_done()
         return out
+
+    workers = min(_workers.usable_cores(), len(detections), 8)
+    if workers < 2 or len(detections) < PARALLEL_FROM:
+        return collect(evaluate_detections(gt, d, image_ids) for d in detections)
     ids = [int(i) for i in image_ids]
     with _workers.spawn_pool(workers, _worker_init, (gt.dataset,)) as ex:
         futures = [ex.submit(_worker_eval, d, ids) for d in detections]
-        out = []
-        for f in futures:
-            out.append(f.result())
-            if on_done:
-                on_done()
-    return out
+        return collect(f.result() for f in futures)
 
 
 def read_category_map(path) -> dict[str, str]:

@@ -87,30 +87,35 @@ def _write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavi
 
 
 def read_results(results_dir) -> list[dict]:
-    """results.csv's rows: numbers as floats (an empty cell, or one a short row lacks, as
-    NaN), text columns as text, ``timing_noisy`` as a bool; a value that is not a number
-    stays as read (``report`` refuses it). Each row's ``_line`` is its line in the file."""
+    """results.csv's rows: prune-eval's number columns as floats (an empty cell, or one a
+    short row lacks, as NaN), text columns as text, ``timing_noisy`` as a bool; columns
+    prune-eval does not write are kept (as floats where they parse). A damaged file (not
+    text, a row longer than the header, text in a number column) is an InputFileError
+    naming its line."""
     p = Path(results_dir) / "results.csv"
     if not p.is_file():
         raise InputFileError(p, "results file not found (run bavit prune-eval first)")
+    numbers = set(CSV_COLUMNS) - set(TEXT_COLUMNS) - {"timing_noisy"}
     rows = []
-    with open(p, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM (a spreadsheet's save) is no column name
-        reader = csv.DictReader(f)
-        for r in reader:
-            r["_line"] = reader.line_num
-            rows.append(r)
-    for r in rows:
-        r.setdefault("treatment", "drop")  # results written before treatments existed
-        if "timing_noisy" in r:
-            r["timing_noisy"] = r["timing_noisy"] == "True"
-        for k, v in r.items():
-            if k in TEXT_COLUMNS or k in ("timing_noisy", "_line", None):
-                continue
-            if v is None or v == "":
-                r[k] = math.nan
-                continue
-            try:
-                r[k] = float(v)
-            except (TypeError, ValueError):
-                pass
+    try:
+        with open(p, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM (a spreadsheet's save) is no column name
+            reader = csv.DictReader(f)
+            for r in reader:
+                if None in r:
+                    raise InputFileError(p, f"line {reader.line_num} has more fields than the header")
+                r.setdefault("treatment", "drop")  # results written before treatments existed
+                if "timing_noisy" in r:
+                    r["timing_noisy"] = r["timing_noisy"] == "True"
+                for k, v in r.items():
+                    if k in TEXT_COLUMNS or k == "timing_noisy":
+                        continue
+                    try:
+                        r[k] = math.nan if v is None or v == "" else float(v)
+                    except ValueError:
+                        if k in numbers:
+                            raise InputFileError(p, f"line {reader.line_num}: {k} is {str(v)[:40]!r}, "
+                                                    "not a number") from None
+                rows.append(r)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise InputFileError(p, f"unreadable results.csv ({str(exc)[:80]})") from None
     return rows

@@ -641,6 +641,7 @@ REPORT_DAMAGE = {
     "meta.json unreadable": (lambda e, t: _results(t, _results_csv(), meta="{x"), "meta.json"),
     "metrics.jsonl unreadable": (lambda e, t: _run_metrics(e, t, "{not json\n"), "metrics.jsonl"),
     "metrics.jsonl rows not objects": (lambda e, t: _run_metrics(e, t, "[1]\n"), "metrics.jsonl"),
+    "a detector run as --train-run": (lambda e, t: _detector_run(t), "not a BAViT run from bavit train"),
 }
 
 
@@ -684,6 +685,15 @@ def test_class5_results_csv_errors_name_the_file_line(env, tmp_path):
     code, out, err = run_cli("report", *_results(tmp_path, f"{head}\n\n{row}\n{row.replace('0.5', 'x', 1)}\n"),
                              "--out", tmp_path / "rep")
     assert_clean_error(code, out, err, "line 4: threshold is 'x', not a number")
+
+
+def _detector_run(t):
+    """What bavit finetune leaves: an HF config and loss/mAP metrics (a KeyError traceback before)."""
+    r = t / "yolos-f"
+    r.mkdir()
+    (r / "config.json").write_text(json.dumps({"model_type": "yolos", "hidden_size": 192}))
+    (r / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 1.5, "val_map": 0.1}) + "\n")
+    return ["--train-run", r]
 
 
 @pytest.mark.parametrize("how", list(REPORT_DAMAGE))

@@ -75,6 +75,16 @@ def _check_inputs(inp: ReportInputs) -> None:
                 rows = None
             if rows is None or not all(isinstance(r, dict) and "epoch" in r for r in rows):
                 raise InputFileError(mf, "unreadable metrics.jsonl (each line must be a JSON object with an epoch)")
+    for run in inp.train_runs:  # Table 1 reads a BAViT run's depth and token accuracy
+        from ..bavit.runfiles import read_metrics, read_run_config
+
+        try:
+            depth = read_run_config(run).get("model", {}).get("depth")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            depth = None
+        if not isinstance(depth, int) or not all("train_accuracy" in r for r in read_metrics(run)):
+            raise InputFileError(run, "not a BAViT run from bavit train (no BAViT config or token accuracy in "
+                                      "its metrics); a detector run from bavit finetune goes to --finetune-run")
 
 
 # The results.csv columns the report cannot do without

@@ -10,6 +10,7 @@ from bavit_core.bavit.train import TrainOptions, train_bavit
 from bavit_core.data import open_dataset
 from bavit_core.data.grid import GridSpec
 from bavit_core.data.synthetic import CLASS_NAMES
+from bavit_core.detection.protocol import write_processor
 from bavit_core.detection.yolos import tiny_yolos_config
 from bavit_core.evaluate.sweep import CSV_COLUMNS, parse_thresholds
 from bavit_core.labels import LabelOptions, label_dataset
@@ -186,11 +187,30 @@ def test_topk_policy_keeps_the_same_share_in_every_image(setup, coco_synth, tmp_
                                                                    "random_topk_s0.30", "random_topk_s0.70"]
 
 
-def test_detector_size_defaults_to_the_detectors_own(setup, coco_synth, tmp_path):
-    code, _, err = run_cli("prune-eval", "--detector", setup / "det", "--root", coco_synth, "--split", "val2017",
-                           "--selectors", "dense", "--timing-images", "0", "--out", tmp_path / "d")
+def test_input_size_comes_from_the_processor_file_never_the_config(setup, coco_synth, tmp_path):
+    """No --detector-size: the checkpoint's preprocessor_config.json decides; a detector
+    without one is refused with one line (its config's image_size is a position-embedding
+    reference, not an input size), and nothing is written."""
+    import shutil
+
+    from bavit_core.detection.protocol import write_processor
+
+    args = ("--root", coco_synth, "--split", "val2017", "--selectors", "dense", "--timing-images", "0")
+    code, _, err = run_cli("prune-eval", "--detector", setup / "det", *args, "--out", tmp_path / "none")
+    assert code == 1
+    assert err.strip() == (f"Error: detector '{setup / 'det'}' has no preprocessor_config.json, so its input size "
+                           "is unknown: pass --detector-size (e.g. 512 for the paper's square protocol)")
+    assert not (tmp_path / "none").exists()
+    det = tmp_path / "det48"
+    shutil.copytree(setup / "det", det)  # config image_size stays 64x64
+    write_processor(det, (48, 80))
+    code, _, err = run_cli("prune-eval", "--detector", det, *args, "--out", tmp_path / "d")
     assert code == 0, err
-    assert _meta(tmp_path / "d")["detector_size"] == [64, 64]
+    meta = _meta(tmp_path / "d")
+    assert meta["detector_size"] == [48, 80]
+    assert meta["input_protocol"]["description"] == "square 48x80"
+    assert meta["input_protocol"]["source"] == str(det / "preprocessor_config.json")
+    assert meta["detector_tokens"] == {"mean": 15.0, "min": 15, "max": 15}
 
 
 def test_plain_progress_lines_off_a_terminal(setup, coco_synth, tmp_path):
@@ -253,6 +273,7 @@ def test_label_spaces_are_matched_by_name(setup, coco_synth, tmp_path):
                             id2label={0: "N/A", **{i + 1: n for i, n in enumerate(coco_names)}})
     torch.manual_seed(0)
     YolosForObjectDetection(cfg).save_pretrained(det)
+    write_processor(det, (64, 64))
     code, _, err = run_cli("prune-eval", "--detector", det, "--root", coco_synth, "--split", "val2017",
                            "--selectors", "dense", "--timing-images", "0", "--out", tmp_path / "x")
     assert (code, err.strip()) == (1, "Error: detector classes person, bicycle, car, motorcycle, airplane do not "

@@ -147,14 +147,99 @@ def decode_once(paths: Sequence[Path], sizes: Sequence[tuple[int, int]], spill_d
     return stores
 
 
-def to_input(batch_u8, mean, std, device=None):
-    """(B, h, w, 3) uint8 (numpy or tensor) → normalised float (B, 3, h, w) tensor."""
+def to_input(batch_u8, mean, std, device=None, rescale: float = 1 / 255):
+    """(B, h, w, 3) uint8 (numpy or tensor) → normalised float (B, 3, h, w) tensor:
+    ``(x · rescale − mean) / std``. A list of (h_i, w_i, 3) images of different sizes gives
+    a list of (3, h_i, w_i) tensors (one size: stacked as above)."""
     import torch
 
+    if isinstance(batch_u8, (list, tuple)):
+        if len({tuple(np.shape(a)) for a in batch_u8}) <= 1:
+            batch_u8 = np.stack([np.asarray(a) for a in batch_u8]) if batch_u8 else np.zeros((0, 1, 1, 3), np.uint8)
+        else:
+            return [to_input(np.asarray(a)[None], mean, std, device, rescale)[0] for a in batch_u8]
     x = torch.as_tensor(batch_u8)
     if device is not None:
         x = x.to(device, non_blocking=True)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    x = x.permute(0, 3, 1, 2).float()
+    x = x.div_(255.0) if rescale == 1 / 255 else x.mul_(rescale)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return x.sub_(m).div_(s)
+
+
+class ImageList:
+    """Images of different sizes, (h_i, w_i, 3) uint8 each, indexable like an (N, …) store:
+    ``store[i]`` is one image, ``store[a:b]`` a list. Held in memory up to ``limit`` bytes,
+    past it appended to an unlinked temporary file in ``spill_dir`` and read back
+    memory-mapped (COCO val under a 512-shortest-edge protocol is ~5 GB)."""
+
+    def __init__(self, n: int, spill_dir: Path | None = None, limit: int = 2 << 30):
+        self._items: list = [None] * n
+        self._bytes = 0
+        self._limit = limit
+        self._spill_dir = spill_dir
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __setitem__(self, i: int, im: np.ndarray) -> None:
+        im = np.ascontiguousarray(im, dtype=np.uint8)
+        if self._bytes + im.nbytes > self._limit and self._spill_dir is not None:
+            if self._file is None:
+                import tempfile
+
+                Path(self._spill_dir).mkdir(parents=True, exist_ok=True)
+                self._file = tempfile.TemporaryFile(dir=self._spill_dir, prefix=".images-")
+            off = self._file.seek(0, 2)
+            self._file.write(im.tobytes())
+            self._file.flush()
+            self._items[i] = ("spill", off, im.shape)
+            return
+        self._bytes += im.nbytes
+        self._items[i] = im
+
+    def _get(self, i: int) -> np.ndarray:
+        it = self._items[i]
+        if isinstance(it, tuple):
+            _, off, shape = it
+            return np.memmap(self._file, dtype=np.uint8, mode="r", offset=off, shape=shape)
+        return it
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._get(k) for k in range(*i.indices(len(self)))]
+        if isinstance(i, (list, np.ndarray)):
+            return [self._get(int(k)) for k in i]
+        return self._get(int(i))
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return [tuple(self._get(k).shape[:2]) for k in range(len(self))]
+
+
+def decode_for_detector(paths: Sequence[Path], prepare: Callable, fixed: tuple[int, int] | None,
+                        other_sizes: Sequence[tuple[int, int]] = (), spill_dir: Path | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> list:
+    """Decode every image once: the detector's input through ``prepare`` (the input
+    protocol's resize; one (N, H, W, 3) store when every image gets the size ``fixed``,
+    else an :class:`ImageList`), and a stretch-resize (bilinear) to each of
+    ``other_sizes`` (BAViT's input), one (N, h, w, 3) store each."""
+    from PIL import Image
+
+    det = image_store(len(paths), fixed, spill_dir) if fixed is not None else ImageList(len(paths), spill_dir)
+    others = [image_store(len(paths), hw, spill_dir) for hw in other_sizes]
+    for k, path in enumerate(paths):
+        full, _ = load_image_sized(path)
+        im = Image.fromarray(full)
+        x = prepare(im)
+        if fixed is not None and x.shape[:2] != tuple(fixed):
+            raise InputFileError(path, f"the detector's processor made a {x.shape[0]}x{x.shape[1]} input, "
+                                       f"expected {fixed[0]}x{fixed[1]}")
+        det[k] = x
+        for store, hw in zip(others, other_sizes):
+            store[k] = full if full.shape[:2] == tuple(hw) else np.asarray(im.resize((hw[1], hw[0]), Image.BILINEAR))
+        if progress:
+            progress(1, len(paths))
+    return [det] + others

@@ -18,13 +18,15 @@ def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit
     pruned + Tb; reduction (eq. 4, with the paper's s read as the kept share, as Table 2's
     numbers require) = mean_i (Ty − (Tb + pruned_i)) / Ty. Eq. 4 counts computed tokens
     only: ``kv_only_tokens`` = layers × pruned tokens that ``preserve`` keeps as keys and
-    values (0 for drop and pool), so nothing is hidden.
+    values (0 for drop and pool), so nothing is hidden. ``det_patches`` is one count, or
+    one per image (the checkpoint's protocol: each image its own grid); the columns are
+    then means over images of each image's own counts.
     """
     if treatment not in TREATMENTS:
         raise ValueError(f"treatment must be one of {TREATMENTS}")
-    ty = det_layers * det_patches
-    tb = bavit_layers * bavit_tokens if with_bavit else 0
     s = np.asarray(sparsity, dtype=np.float64)
+    ty = det_layers * np.broadcast_to(np.asarray(det_patches, dtype=np.float64), s.shape)
+    tb = bavit_layers * bavit_tokens if with_bavit else 0
     pruned = ty * (1.0 - s)
     kv_only = np.zeros_like(s)
     if treatment == "pool":
@@ -35,11 +37,11 @@ def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit
     return {
         "treatment": treatment,
         "bavit_tokens": float(tb),
-        "yolos_tokens": float(ty),
+        "yolos_tokens": float(ty.mean()),
         "yolos_pruned_tokens": float(pruned.mean()),
         "kv_only_tokens": float(kv_only.mean()),
         "total_tokens": float(total.mean()),
-        "token_reduction_pct": float(100.0 * (ty - total).mean() / ty),
+        "token_reduction_pct": float(100.0 * ((ty - total) / ty).mean()),
     }
 
 

@@ -249,31 +249,28 @@ def _encode(model, h, frozen, attend, mid):
     return h
 
 
-def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None = None,
-                   layout: str = "pack", return_hidden: bool = False, treatment: str = "drop") -> PrunedOutput:
-    """YOLOS computing only CLS, detection tokens and the patch tokens where ``keep`` is
-    true; the pruned patch tokens are treated as ``treatment`` says (module docstring).
+@dataclass
+class _Tokens:
+    """The packed input sequence of a batch: every image's [CLS, detection tokens, kept
+    patch tokens (, pool token)] one after the other."""
+    h: torch.Tensor  # (T, C) input embeddings
+    mid: torch.Tensor | None  # (layers - 1, T, C) gathered mid-layer position embeddings
+    frozen: torch.Tensor | None  # (T', C) preserve's frozen key/value tokens, per image contiguous
+    lengths: list  # tokens per image
+    fr_lengths: list | None  # frozen tokens per image
+    counts: torch.Tensor  # (B,) kept patch tokens
+    hidden_info: tuple | None = None  # what return_hidden needs (one input size only)
 
-    pixel_values: (B, 3, H, W); keep: (B, gh, gw) or (B, gh*gw) bool on the detector grid,
-    or None for no pruning.
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}")
-    if treatment not in TREATMENTS:
-        raise ValueError(f"treatment must be one of {TREATMENTS}")
+
+def _embed(model, pixel_values: torch.Tensor, keep: torch.Tensor, treatment: str) -> _Tokens:
+    """The packed token sequence of images of one size: (B, 3, H, W) pixels, (B, P) keep."""
     cfg = model.config
-    vit = model.vit
-    emb_mod = vit.embeddings
+    emb_mod = model.vit.embeddings
     b, _, H, W = pixel_values.shape
     ps, n_det, c = cfg.patch_size, cfg.num_detection_tokens, cfg.hidden_size
     gh, gw = H // ps, W // ps
     p = gh * gw
     dev = pixel_values.device
-    if keep is None:
-        keep = torch.ones(b, p, dtype=torch.bool, device=dev)
-    keep = keep.reshape(b, -1).to(dev)
-    if keep.shape[1] != p:
-        raise ValueError(f"keep mask has {keep.shape[1]} tokens, the detector grid has {p}")
     pos, mid = _positions(model, (H, W))
     proj = emb_mod.patch_embeddings.projection
     w_patch = proj.weight.reshape(c, -1)
@@ -282,12 +279,9 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
     counts_l = counts.tolist()
     pool = [treatment == "pool" and k < p for k in counts_l]
     lengths = [1 + n_det + k + int(q) for k, q in zip(counts_l, pool)]
-    native = _native_ok(model, treatment, lengths, w_patch.dtype, dev)
-    pad = layout == "pad" and b > 1 and not native
-    L = max(lengths)
-    total = b * L if pad else sum(lengths)
+    total = sum(lengths)
     lens_t = torch.tensor(lengths, device=dev)
-    starts = torch.arange(b, device=dev) * L if pad else torch.cumsum(lens_t, 0) - lens_t
+    starts = torch.cumsum(lens_t, 0) - lens_t
 
     # kept patches: batch index, patch index, rank within the image, place in the sequence
     bi, pi = torch.nonzero(keep, as_tuple=True)
@@ -298,6 +292,7 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
     dest_spec = (starts[:, None] + torch.arange(1 + n_det, device=dev)).reshape(-1)
 
     patches = _patches(pixel_values, ps, gh, gw)
+    all_emb = None
     if treatment == "preserve":  # every patch is needed: the projection as YOLOS runs it
         all_emb = proj(pixel_values).flatten(2).transpose(1, 2) + pos[1:1 + p]  # (B, P, C)
         kept_emb = all_emb[bi, pi]
@@ -326,20 +321,112 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
         h = h.index_put((dest_pool,), pooled)
         if mid_g is not None:
             mid_g[:, dest_pool] = torch.einsum("np,lpc->lnc", pruned_w, mid[:, 1:1 + p])
-    h = emb_mod.dropout(h)
 
-    frozen = None
-    fr_lengths = None
+    frozen = fr_lengths = None
     if treatment == "preserve" and any(k < p for k in counts_l):
         fr_lengths = [p - k for k in counts_l]
         fb, fp = torch.nonzero(~keep, as_tuple=True)
         frozen = all_emb[fb, fp]  # (T', C) packed, per image contiguous
-        if pad:
+    return _Tokens(h, mid_g, frozen, lengths, fr_lengths, counts,
+                   (p, spec_src, dest_spec, bi, pi, dest_kept, all_emb, keep))
+
+
+def _embed_mixed(model, images: list, keeps: list, treatment: str) -> _Tokens:
+    """The packed sequence of images of different sizes: each size's images embedded
+    together (their own grids and interpolated position embeddings), then laid out in
+    image order."""
+    groups: dict = {}
+    for i, x in enumerate(images):
+        groups.setdefault(tuple(x.shape[-2:]), []).append(i)
+    n = len(images)
+    parts: list = [None] * n  # per image: (h rows, mid rows, frozen rows, length, frozen length, count)
+    for idx in groups.values():
+        t = _embed(model, torch.stack([images[i] for i in idx]), torch.stack([keeps[i] for i in idx]), treatment)
+        s = f = 0
+        for k, i in enumerate(idx):
+            ln = t.lengths[k]
+            fl = t.fr_lengths[k] if t.fr_lengths else 0
+            parts[i] = (t.h[s:s + ln], None if t.mid is None else t.mid[:, s:s + ln],
+                        None if t.frozen is None else t.frozen[f:f + fl], ln, fl, t.counts[k])
+            s += ln
+            f += fl
+    h = torch.cat([q[0] for q in parts])
+    mid = None if parts[0][1] is None else torch.cat([q[1] for q in parts], 1)
+    fr = [q[2] for q in parts if q[2] is not None and q[4]]
+    fr_lengths = [q[4] for q in parts] if fr else None
+    frozen = torch.cat(fr) if fr else None
+    return _Tokens(h, mid, frozen, [q[3] for q in parts], fr_lengths, torch.stack([q[5] for q in parts]))
+
+
+def pruned_forward(model, pixel_values, keep=None, layout: str = "pack", return_hidden: bool = False,
+                   treatment: str = "drop") -> PrunedOutput:
+    """YOLOS computing only CLS, detection tokens and the patch tokens where ``keep`` is
+    true; the pruned patch tokens are treated as ``treatment`` says (module docstring).
+
+    pixel_values: (B, 3, H, W), or a list of B (3, H_i, W_i) images of different sizes
+    (each on its own grid: the checkpoint's input protocol); keep: (B, gh, gw) or
+    (B, gh*gw) bool on the detector grid (a list of per-image masks for a list of images),
+    or None for no pruning. ``return_hidden`` needs images of one size.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}")
+    if treatment not in TREATMENTS:
+        raise ValueError(f"treatment must be one of {TREATMENTS}")
+    cfg = model.config
+    vit = model.vit
+    ps, n_det, c = cfg.patch_size, cfg.num_detection_tokens, cfg.hidden_size
+    if isinstance(pixel_values, (list, tuple)):
+        images = list(pixel_values)
+        dev = images[0].device
+        keeps = [torch.ones((x.shape[-2] // ps) * (x.shape[-1] // ps), dtype=torch.bool, device=dev)
+                 for x in images] if keep is None else [torch.as_tensor(k, device=dev).reshape(-1) for k in keep]
+        if len(keeps) != len(images):
+            raise ValueError(f"{len(keeps)} keep masks for {len(images)} images")
+        for x, k in zip(images, keeps):
+            if k.shape[0] != (x.shape[-2] // ps) * (x.shape[-1] // ps):
+                raise ValueError(f"keep mask has {k.shape[0]} tokens, the detector grid of a "
+                                 f"{x.shape[-2]}x{x.shape[-1]} image has {(x.shape[-2] // ps) * (x.shape[-1] // ps)}")
+        if len({tuple(x.shape[-2:]) for x in images}) == 1:
+            pixel_values, keep = torch.stack(images), torch.stack(keeps)
+        else:
+            if return_hidden:
+                raise ValueError("return_hidden needs images of one size")
+            tok = _embed_mixed(model, images, keeps, treatment)
+            dtype = images[0].dtype
+    if not isinstance(pixel_values, (list, tuple)):
+        b, _, H, W = pixel_values.shape
+        p = (H // ps) * (W // ps)
+        dev = pixel_values.device
+        if keep is None:
+            keep = torch.ones(b, p, dtype=torch.bool, device=dev)
+        keep = keep.reshape(b, -1).to(dev)
+        if keep.shape[1] != p:
+            raise ValueError(f"keep mask has {keep.shape[1]} tokens, the detector grid has {p}")
+        tok = _embed(model, pixel_values, keep, treatment)
+        dtype = pixel_values.dtype
+    b = len(tok.lengths)
+    lengths, fr_lengths = tok.lengths, tok.fr_lengths
+    native = _native_ok(model, treatment, lengths, vit.embeddings.patch_embeddings.projection.weight.dtype, dev)
+    pad = layout == "pad" and b > 1 and not native
+    L = max(lengths)
+    lens_t = torch.tensor(lengths, device=dev)
+    starts = torch.cumsum(lens_t, 0) - lens_t  # packed
+    h, mid_g, frozen = vit.embeddings.dropout(tok.h), tok.mid, tok.frozen
+    remap = None
+    if pad:  # packed rows → (B, L) slots
+        img = torch.repeat_interleave(torch.arange(b, device=dev), lens_t)
+        remap = img * L + torch.arange(h.shape[0], device=dev) - starts[img]
+        h = h.new_zeros(b * L, c).index_put((remap,), h)
+        if mid_g is not None:
+            mid_g = _scatter_mid(mid_g, remap, b * L)
+        starts = torch.arange(b, device=dev) * L
+        if frozen is not None:
             lp = max(fr_lengths)
             fl_t = torch.tensor(fr_lengths, device=dev)
-            ffirst = torch.cumsum(fl_t, 0) - fl_t
-            fdest = fb * lp + torch.arange(fb.shape[0], device=dev) - ffirst[fb]
+            fimg = torch.repeat_interleave(torch.arange(b, device=dev), fl_t)
+            fdest = fimg * lp + torch.arange(frozen.shape[0], device=dev) - (torch.cumsum(fl_t, 0) - fl_t)[fimg]
             frozen = frozen.new_zeros(b * lp, c).index_put((fdest,), frozen).view(b, lp, c)
+    total = h.shape[0]
 
     heads = cfg.num_attention_heads
     hd = c // heads
@@ -387,17 +474,24 @@ def pruned_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
     boxes = model.bbox_predictor(det_out).sigmoid()
     hidden = None
     if return_hidden:
+        p, spec_src, dest_spec, bi, pi, dest_kept, all_emb, keep = tok.hidden_info
+        if remap is not None:
+            dest_spec, dest_kept = remap[dest_spec], remap[dest_kept]
         s = 1 + p + n_det
         hidden = h.new_zeros(b * s, c)
         hn = F.layer_norm(h, (c,), ln.weight, ln.bias, ln.eps)
         hidden = hidden.index_put((torch.arange(b, device=dev).repeat_interleave(1 + n_det) * s + spec_src.repeat(b),),
                                   hn[dest_spec])
         hidden = hidden.index_put((bi * s + 1 + pi,), hn[dest_kept])
-        if treatment == "preserve" and frozen is not None:
+        if treatment == "preserve" and tok.frozen is not None:
             fb, fp = torch.nonzero(~keep, as_tuple=True)
             hidden = hidden.index_put((fb * s + 1 + fp,),
                                       F.layer_norm(all_emb[fb, fp], (c,), ln.weight, ln.bias, ln.eps))
         hidden = hidden.view(b, s, c)
-    return PrunedOutput(logits, boxes, hidden, counts)
+    return PrunedOutput(logits, boxes, hidden, tok.counts)
 
 
+def _scatter_mid(mid, remap, total):
+    out = mid.new_zeros(mid.shape[0], total, mid.shape[2])
+    out[:, remap] = mid
+    return out

@@ -19,7 +19,10 @@ Operating points at a target mean sparsity ``s`` (on the detector grid, P tokens
 * ``topk`` policy (fixed rate): every image keeps its ceil((1 - s)·P) highest-priority
   tokens (ties: the lower row-major index, as the exported pipeline's TopK).
 
-Every function returns a (N, gh, gw) bool array on the detector grid.
+Every function returns a (N, gh, gw) array on the detector grid when given one grid
+shape (gh, gw) for all images (the square protocol), or a :class:`~bavit_core.data.ragged.Grids`
+when given one shape per image ((N, 2), the checkpoint's protocol: each image on its own
+grid); the functions that take selections return the kind they are given.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import numpy as np
 from ..bavit.inference import fg_from_probs
 from ..bavit.postprocess import refine
 from ..data.grid import resample_grid
+from ..data.ragged import Grids, resample_to
 from ..labels import read_labels
 from ..runtime.errors import OptionError
 
@@ -37,44 +41,62 @@ SELECTORS = ("dense", "bavit", "oracle", "random")
 POLICIES = ("threshold", "topk")
 
 
-def dense_keep(n: int, grid: tuple[int, int]) -> np.ndarray:
+def _per_image(grid) -> bool:
+    """Whether ``grid`` is one shape per image ((N, 2)) rather than one (gh, gw) for all."""
+    return np.ndim(grid) == 2
+
+
+def _resample(grids: np.ndarray, grid, resample: str):
+    if _per_image(grid):
+        return resample_to(grids, grid, lambda g, shape: resample_grid(g, tuple(int(v) for v in shape), resample))
+    return resample_grid(grids, tuple(grid), resample)
+
+
+def _like(out: Grids, given):
+    """``out`` as the kind of ``given``: an (N, gh, gw) array for an array, else Grids."""
+    return out if isinstance(given, Grids) else out.flat.reshape(np.shape(given))
+
+
+def dense_keep(n: int, grid) -> np.ndarray | Grids:
+    if _per_image(grid):
+        return Grids.full(grid, True)
     return np.ones((n,) + tuple(grid), dtype=bool)
 
 
-def bavit_keep(probs: np.ndarray, threshold: float, grid: tuple[int, int], resample: str = "nearest",
-               postprocess_steps: int = 0) -> np.ndarray:
-    """BAViT's FG probabilities (N, bh, bw) → kept tokens on the detector grid."""
+def bavit_keep(probs: np.ndarray, threshold: float, grid, resample: str = "nearest",
+               postprocess_steps: int = 0):
+    """BAViT's FG probabilities (N, bh, bw) → kept tokens on the detector grid(s)."""
     g = fg_from_probs(probs, threshold)
     if postprocess_steps:
         g = refine(g, postprocess_steps)
-    return resample_grid(g, grid, resample)
+    return _resample(g, grid, resample)
 
 
-def oracle_keep(labels_path, image_ids, grid: tuple[int, int], resample: str = "nearest") -> np.ndarray:
-    """The ground-truth FG grids of ``image_ids`` (in that order) on the detector grid."""
-    return resample_grid(read_labels(labels_path).grids_for(image_ids, labels_path), grid, resample)
+def oracle_keep(labels_path, image_ids, grid, resample: str = "nearest"):
+    """The ground-truth FG grids of ``image_ids`` (in that order) on the detector grid(s)."""
+    return _resample(read_labels(labels_path).grids_for(image_ids, labels_path), grid, resample)
 
 
-def random_keep(reference: np.ndarray, seed) -> np.ndarray:
+def random_keep(reference, seed):
     """Per image, as many tokens as ``reference`` keeps, drawn uniformly at random
     (``seed``: anything ``numpy.random.default_rng`` takes)."""
-    n = len(reference)
+    ref = Grids.of(reference)
     rng = np.random.default_rng(seed)
-    keep = np.zeros_like(reference, dtype=bool)
-    flat = keep.reshape(n, -1)
-    for i in range(n):
-        k = int(reference[i].sum())
-        flat[i, rng.choice(flat.shape[1], size=k, replace=False)] = True
-    return keep
+    flat = np.zeros(ref.flat.shape, dtype=bool)
+    counts = ref.sums()
+    for i in range(len(ref)):
+        o = ref.offsets[i]
+        flat[o + rng.choice(int(ref.sizes[i]), size=int(counts[i]), replace=False)] = True
+    return _like(ref.like(flat), reference)
 
 
 # --------------------------------------------------------------------------- target sparsities
-def bavit_priority(probs: np.ndarray, grid: tuple[int, int], resample: str = "nearest") -> np.ndarray:
+def bavit_priority(probs: np.ndarray, grid, resample: str = "nearest"):
     """BAViT's FG probability of each detector token: the higher, the earlier it is kept."""
-    return resample_grid(np.asarray(probs, dtype=np.float64), grid, resample)
+    return _resample(np.asarray(probs, dtype=np.float64), grid, resample)
 
 
-def oracle_priority(labels_path, image_ids, grid: tuple[int, int], resample: str = "nearest") -> np.ndarray:
+def oracle_priority(labels_path, image_ids, grid, resample: str = "nearest"):
     """A ranking of each detector token by the ground truth: FG tokens first, then by the
     label score (box coverage / mask fraction), then zero-score tokens by closeness
     (Chebyshev distance in tokens) to the nearest FG token. Keeping exactly the FG tokens is
@@ -83,11 +105,15 @@ def oracle_priority(labels_path, image_ids, grid: tuple[int, int], resample: str
     fg = lab.grids_for(image_ids, labels_path)
     pos = {int(i): k for k, i in enumerate(lab.image_ids)}
     scores = np.asarray(lab.scores, dtype=np.float64)[[pos[int(i)] for i in image_ids]]
-    fg_d = resample_grid(fg, grid, resample)
-    sc_d = resample_grid(scores, grid, resample)
-    dist = fg_distance(fg_d)
-    # FG: 2 + score (in [2, 3]); BG with a score: the score (in [0, 1]); score 0: -distance
-    return np.where(fg_d, 2.0 + sc_d, np.where(sc_d > 0, sc_d, -dist / (sum(grid) + 1.0)))
+    fg_d = Grids.of(_resample(fg, grid, resample))
+    sc_d = Grids.of(_resample(scores, grid, resample))
+    out = []
+    for f, sc in zip(fg_d, sc_d):
+        dist = fg_distance(f[None])[0]
+        # FG: 2 + score (in [2, 3]); BG with a score: the score (in [0, 1]); score 0: -distance
+        out.append(np.where(f, 2.0 + sc, np.where(sc > 0, sc, -dist / (sum(f.shape) + 1.0))))
+    res = Grids.of(out) if out else Grids.of(np.zeros((0, 1, 1)))
+    return res if _per_image(grid) else res.flat.reshape((len(fg),) + tuple(grid))
 
 
 def fg_distance(fg: np.ndarray) -> np.ndarray:
@@ -109,51 +135,69 @@ def kept_per_image(target: float, n_tokens: int) -> int:
     return max(1, min(n_tokens, math.ceil((1.0 - target) * n_tokens - 1e-9)))
 
 
-def topk_keep(priority: np.ndarray, k: int) -> np.ndarray:
-    """Every image keeps its ``k`` highest-``priority`` tokens; ties go to the lower
-    row-major index, as ONNX's TopK does, so the exported pipeline keeps the same tokens."""
-    n = len(priority)
-    flat = priority.reshape(n, -1)
-    keep = np.zeros(flat.shape, dtype=bool)
-    np.put_along_axis(keep, np.argsort(-flat, axis=1, kind="stable")[:, :k], True, axis=1)
-    return keep.reshape(priority.shape)
+def topk_keep(priority, k):
+    """Every image keeps its ``k`` highest-``priority`` tokens (``k`` one count, or one per
+    image); ties go to the lower row-major index, as ONNX's TopK does, so the exported
+    pipeline keeps the same tokens."""
+    if not isinstance(priority, Grids):
+        n = len(priority)
+        flat = priority.reshape(n, -1)
+        keep = np.zeros(flat.shape, dtype=bool)
+        if np.ndim(k) == 0:
+            np.put_along_axis(keep, np.argsort(-flat, axis=1, kind="stable")[:, :k], True, axis=1)
+        else:
+            for i in range(n):
+                keep[i, np.argsort(-flat[i], kind="stable")[:int(k[i])]] = True
+        return keep.reshape(priority.shape)
+    ks = np.broadcast_to(np.asarray(k), (len(priority),))
+    flat = np.zeros(priority.flat.shape, dtype=bool)
+    for i, g in enumerate(priority):
+        flat[priority.offsets[i] + np.argsort(-g.reshape(-1), kind="stable")[:int(ks[i])]] = True
+    return priority.like(flat)
 
 
-def _tiebreak(shape, seed) -> np.ndarray:
-    return np.random.default_rng(seed).random(shape)
+def _tiebreak(size, seed) -> np.ndarray:
+    return np.random.default_rng(seed).random(size)
 
 
-def select_target(priority: np.ndarray, target: float, policy: str = "threshold", seed=0) -> tuple[np.ndarray, float]:
+def select_target(priority, target: float, policy: str = "threshold", seed=0):
     """Keep the highest-``priority`` tokens so that the mean sparsity is ``target``.
 
-    Returns (keep (N, gh, gw) bool, the priority threshold: the lowest kept priority for
-    ``threshold``, NaN for ``topk``). ``threshold`` breaks ties by a fixed pseudo-random
-    order (``seed``); ``topk`` as :func:`topk_keep`."""
+    Returns (keep, the priority threshold: the lowest kept priority for ``threshold``, NaN
+    for ``topk``); keep is of ``priority``'s kind ((N, gh, gw) array or Grids).
+    ``threshold`` ranks every token of every image together (ties broken by a fixed
+    pseudo-random order, ``seed``), keeping round((1 − target) · all tokens) of them, so the
+    mean sparsity over tokens — over images too when every image has the same grid — is
+    ``target``; ``topk`` as :func:`topk_keep` with each image's own count."""
     if policy not in POLICIES:
         raise OptionError(f"unknown policy {policy!r}; choose {' or '.join(POLICIES)}")
     if not 0.0 <= target < 1.0:
         raise OptionError(f"target sparsity must lie in [0, 1); got {target}")
-    n = len(priority)
-    flat = priority.reshape(n, -1)
-    p = flat.shape[1]
-    keep = np.zeros(flat.shape, dtype=bool)
+    pr = Grids.of(priority)
+    n = len(pr)
+    keep = np.zeros(pr.flat.shape, dtype=bool)
     if n == 0:
-        return keep.reshape(priority.shape), float("nan")
+        return _like(pr.like(keep), priority), float("nan")
     if policy == "topk":
-        return topk_keep(priority, kept_per_image(target, p)), float("nan")
-    tie = _tiebreak(flat.shape, seed)
-    total = int(round((1.0 - target) * n * p))
+        ks = np.array([kept_per_image(target, int(p)) for p in pr.sizes])
+        k = ks if not pr.uniform else int(ks[0])
+        out = topk_keep(pr if isinstance(priority, Grids) else priority, k)
+        return out, float("nan")
+    tie = _tiebreak(pr.flat.size, seed)
+    total = int(round((1.0 - target) * pr.flat.size))
     total = max(total, n)  # at least one token per image overall
-    order = np.lexsort((-tie.ravel(), -flat.ravel()))[:total]
-    keep.ravel()[order] = True
-    return keep.reshape(priority.shape), float(flat.ravel()[order[-1]])
+    order = np.lexsort((-tie, -pr.flat))[:total]
+    keep[order] = True
+    return _like(pr.like(keep), priority), float(pr.flat[order[-1]])
 
 
-def sparsity_stats(keep: np.ndarray) -> dict[str, float]:
-    """Mean sparsity and its per-image spread (p10 / p90) of a (N, gh, gw) keep array."""
-    n = len(keep)
-    s = 1.0 - keep.reshape(n, -1).mean(axis=1) if n else np.zeros(0)
+def sparsity_stats(keep) -> dict[str, float]:
+    """Mean sparsity and its per-image spread (p10 / p90) of a keep selection ((N, gh, gw)
+    array or Grids): the mean of the images' own sparsities."""
+    g = Grids.of(keep)
+    n = len(g)
     if not n:
         return {"sparsity": float("nan"), "sparsity_p10": float("nan"), "sparsity_p90": float("nan")}
+    s = 1.0 - g.means()
     return {"sparsity": float(s.mean()), "sparsity_p10": float(np.percentile(s, 10)),
             "sparsity_p90": float(np.percentile(s, 90))}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.ragged import Grids
+
 from .. import __version__
 from ..detection.cocoeval import STAT_NAMES
 from ..runtime.errors import InputFileError
@@ -76,7 +78,7 @@ def _write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavi
         "missing_images": len(missing),
         "rows": [r.name for r in rows],
         "per_image_sparsity": {r.name:
-                               np.round(1 - r.keep.reshape(len(ids), -1).mean(axis=1), 4).tolist() for r in rows},
+                               np.round(1 - Grids.of(r.keep).means(), 4).tolist() for r in rows},
         "image_ids": [int(i) for i in ids],
         "seconds": seconds,
         **(run_info or {}),

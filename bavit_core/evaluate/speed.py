@@ -11,7 +11,7 @@ import torch
 
 from ..data.images import to_input
 from ..detection.pruned import pruned_forward
-from ..detection.yolos import IMAGE_MEAN, IMAGE_STD
+from .batches import batch_inputs
 from .timing import NOISY_SPREAD, drift, peak_memory_mb, spread, time_round_robin
 
 
@@ -31,18 +31,20 @@ NO_TIMING = {"latency_ms": float("nan"), "latency_spread": float("nan"), "throug
 
 
 @torch.inference_mode()
-def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tick) -> tuple[list[dict], dict]:
+def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tick, proto) -> tuple[list[dict], dict]:
     """Dense YOLOS (once), BAViT (once, when a row uses it) and every row's pruned YOLOS on
     the first timing images, round robin over ``timing_repeats`` rounds after one warm-up
     round. Per row: medians per image, spreads (IQR / median) and the noisy flag; per run:
-    the dense reference's samples and drift."""
+    the dense reference's samples and drift. Dense is transformers' own model, image by
+    image for a batch of images of different sizes (the checkpoint's protocol), as its
+    users would run it (its processor pads a batch with zeros, which YOLOS does not mask)."""
     n_t = len(det_u8)
     if n_t == 0 or opts.timing_repeats < 1:
         return [dict(NO_TIMING) for _ in rows], {"dense_drift": float("nan"), "timing_seconds": 0.0}
     t0 = time.perf_counter()
     bs = opts.batch_size
     ac = autocast_args(device, dtype)
-    xs = [to_input(det_u8[s:s + bs], IMAGE_MEAN, IMAGE_STD, device).to(dtype) for s in range(0, n_t, bs)]
+    xs = [batch_inputs(det_u8, None, slice(s, min(s + bs, n_t)), proto, device, dtype)[0] for s in range(0, n_t, bs)]
     fns: dict[str, Callable] = {}
     warm: dict[str, Callable] = {}  # the same work on the first batch: warm-up and memory probe
     fns["dense"] = lambda xs=xs: _dense(det, xs, ac)
@@ -57,7 +59,8 @@ def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tic
     for k, row in enumerate(rows):
         if row.selector == "dense":
             continue
-        keeps[k] = [torch.as_tensor(row.keep[s:min(s + bs, n_t)], device=device) for s in range(0, n_t, bs)]
+        keeps[k] = [batch_inputs(det_u8, row.keep, slice(s, min(s + bs, n_t)), proto, device, dtype)[1]
+                    for s in range(0, n_t, bs)]
         fns[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs, ks, layout, ac, t)
         warm[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs[:1], ks[:1], layout, ac, t)
     total = (opts.timing_repeats + 2) * len(fns)
@@ -97,7 +100,11 @@ def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tic
 def _dense(det, xs, ac):
     for x in xs:
         with torch.autocast(**ac):
-            det(pixel_values=x)
+            if isinstance(x, list):
+                for xi in x:
+                    det(pixel_values=xi[None])
+            else:
+                det(pixel_values=x)
 
 
 def _bavit(bavit, xbs, ac):

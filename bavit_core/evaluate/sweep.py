@@ -21,17 +21,21 @@ import torch
 from ..bavit.inference import infer_probs
 from ..bavit.model import load_bavit
 from ..data import open_dataset
-from ..data.images import decode_once, resolve_paths, to_input
+from ..data.images import decode_for_detector, resolve_paths
+from ..data.ragged import Grids
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
 from ..detection.cocoeval import (category_map_for, coco_ground_truth, detections_from_outputs,
                                   evaluate_many, read_category_map)
 from ..detection.pruned import pruned_forward
 from ..detection.selection import (bavit_keep, bavit_priority, dense_keep, oracle_keep, oracle_priority, random_keep,
                                    select_target, sparsity_stats)
-from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, detector_input_size, load_detector
+from ..detection.protocol import input_protocol
+from ..detection.yolos import load_detector
+from ..labels import read_labels
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist
 from ..runtime.errors import InputFileError, OptionError
+from .batches import batch_inputs, take
 from .results import CSV_COLUMNS, read_results, row_name, write_results
 from .options import PruneEvalOptions, check_options, parse_sparsities, parse_thresholds, selectors_for
 from .speed import autocast_args, device_name, time_rows
@@ -47,7 +51,7 @@ STAGES = ("loading", "decoding", "BAViT", "detecting", "timing", "COCOeval")
 class Row:
     selector: str
     threshold: float
-    keep: np.ndarray  # (N, dh, dw) bool on the detector grid
+    keep: np.ndarray | Grids  # (N, dh, dw) bool on the detector grid, or Grids (one grid per image)
     detections: list = field(default_factory=list)
     policy: str = "threshold"
     target: float = float("nan")  # target mean sparsity (NaN: a threshold row or dense/oracle as labelled)
@@ -108,10 +112,15 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
 def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, tick, t_start, load_start) -> dict:
     stage("loading")
     det = load_detector(opts.detector, device)
-    det_hw = tuple(opts.detector_size) if opts.detector_size else detector_input_size(det)
-    dgrid = detector_grid(det, det_hw)
+    size = opts.detector_size
+    if size is None and opts.runtime == "onnx" and opts.exported:  # the graphs are fixed to one size
+        from ..export.ort import read_manifest
+
+        size = tuple(read_manifest(opts.exported)["detector"]["input_size"])
+    proto = input_protocol(opts.detector, tuple(size) if size else None, det.config.patch_size)
+    ps = det.config.patch_size
     bavit = load_bavit(opts.model, device=device) if opts.model else None
-    onnx_rt = _onnx_runtime(opts, det, det_hw, bavit, device)
+    onnx_rt = _onnx_runtime(opts, det, proto.size, bavit, device)
 
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
     cat_map = category_map_for(aset, det.config.id2label,
@@ -131,32 +140,41 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     gt = coco_ground_truth(aset, ids, cat_map)
     n = len(files)
     oracle_prio = None
-    if "oracle" in selectors:
-        oracle_prio = (oracle_priority(opts.labels, ids, dgrid, opts.resample) if opts.sparsities is not None
-                       else oracle_keep(opts.labels, ids, dgrid, opts.resample))
+    if "oracle" in selectors:  # a bad labels file fails before any decoding
+        read_labels(opts.labels).grids_for(ids, opts.labels)
 
     # ---- decode once (this process's block of the images under torchrun) -------------------
     mine = dist.shard(n)
-    sizes = [det_hw] + ([(bavit.cfg.input_h, bavit.cfg.input_w)] if bavit is not None else [])
+    sizes = [(bavit.cfg.input_h, bavit.cfg.input_w)] if bavit is not None else []
     stores: list = []
 
     def decode_and_bavit():
         stage("decoding")
-        stores.extend(decode_once([files[i] for i in mine], sizes, Path(opts.out), tick))
+        stores.extend(decode_for_detector([files[i] for i in mine], proto.prepare, proto.size, sizes,
+                                          Path(opts.out), tick))
+        shapes = [tuple(a.shape[:2]) for a in stores[0]] if proto.size is None else []
         if bavit is None:
-            return None
+            return None, shapes
         stage("BAViT")  # probabilities once per image; every rank needs all of them (calibration)
         if onnx_rt is not None:
-            return onnx_rt.bavit_probs(stores[1], opts.batch_size, tick)
-        return infer_probs(bavit, stores[1], opts.batch_size, device, tick)
+            return onnx_rt.bavit_probs(stores[1], opts.batch_size, tick), shapes
+        return infer_probs(bavit, stores[1], opts.batch_size, device, tick), shapes
 
     parts = dist.run_shard(decode_and_bavit)
-    probs = None if bavit is None else np.concatenate(parts)
+    probs = None if bavit is None else np.concatenate([q[0] for q in parts])
+    if proto.size is not None:  # square: one grid for every image
+        dgrid = (proto.size[0] // ps, proto.size[1] // ps)
+    else:  # the checkpoint's protocol: each image its own grid
+        dgrid = np.array([(h // ps, w // ps) for q in parts for h, w in q[1]], dtype=np.int64).reshape(-1, 2)
+    if "oracle" in selectors:
+        oracle_prio = (oracle_priority(opts.labels, ids, dgrid, opts.resample) if opts.sparsities is not None
+                       else oracle_keep(opts.labels, ids, dgrid, opts.resample))
     det_u8 = stores[0]
     n_timed = min(opts.timing_images, len(mine))  # timing runs on rank 0's first images
     if onnx_rt is not None:
         n_timed = 0  # ORT timing: examples/benchmarks/bench_onnx.py
     bav_timed = None if bavit is None else stores[1][:n_timed]  # the BAViT inputs evaluation saw
+    det_timed = det_u8[:n_timed]
 
     rows = _per_treatment(_build_rows(opts, selectors, n, dgrid, probs, oracle_prio),
                           list(dict.fromkeys(opts.pruned_tokens)), opts.treatments_for)
@@ -166,9 +184,9 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     det.to(dtype)
 
     def detect_shard():
-        return [_detect(det, row.keep[mine] if row.selector != "dense" else None, det_u8, ids[mine], widths[mine],
-                        heights[mine], opts.batch_size, device, dtype, layout,
-                        lambda a: tick(a, len(mine) * len(rows)), onnx_rt, row.treatment) for row in rows]
+        return [_detect(det, take(row.keep, mine) if row.selector != "dense" else None, det_u8, ids[mine],
+                        widths[mine], heights[mine], opts.batch_size, device, dtype, layout,
+                        lambda a: tick(a, len(mine) * len(rows)), onnx_rt, row.treatment, proto) for row in rows]
 
     per_rank = dist.run_shard(detect_shard)
     for k, row in enumerate(rows):
@@ -178,17 +196,17 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
 
     # ---- timing: dense, BAViT and every row, round robin -----------------------------------
     stage("timing")
-    timing, run_timing = time_rows(det, bavit, rows, det_u8[:n_timed], bav_timed, opts, device, dtype, layout, tick)
+    timing, run_timing = time_rows(det, bavit, rows, det_timed, bav_timed, opts, device, dtype, layout, tick, proto)
 
     # ---- COCOeval, tokens, FLOPs ---------------------------------------------------------
     stage("COCOeval")
-    n_patches = dgrid[0] * dgrid[1]
-    dense_g = detector_gflops(det.config, np.full(n, n_patches), n_patches)
+    n_patches = Grids.of(rows[0].keep).sizes.astype(np.float64)  # per image: its detector grid's tokens
+    dense_g = detector_gflops(det.config, n_patches, n_patches)
     stats = evaluate_many(gt, [row.detections for row in rows], ids, lambda: tick(1, len(rows)))
     results = []
     for k, row in enumerate(rows):
-        sparsity_i = 1.0 - row.keep.reshape(n, -1).mean(axis=1)
-        kept_i = row.keep.reshape(n, -1).sum(axis=1)
+        kept_i = Grids.of(row.keep).sums()
+        sparsity_i = 1.0 - kept_i / n_patches
         with_bavit = row.selector == "bavit"
         r = {"selector": row.selector, "threshold": row.threshold, "policy": row.policy, "target": row.target}
         r.update(sparsity_stats(row.keep))
@@ -208,7 +226,9 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
 
     out = Path(opts.out)
     run_info = {"load_start": load_start, "load_end": machine_load(), "stage_seconds": stage_t,
-                "detector_size": list(det_hw), **run_timing}
+                "detector_size": list(proto.size) if proto.size else None, "input_protocol": proto.as_dict(),
+                "detector_tokens": {"mean": float(n_patches.mean()), "min": int(n_patches.min()),
+                                    "max": int(n_patches.max())}, **run_timing}
     run_info["world_size"] = dist.world
     write_results(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start,
                   run_info)
@@ -257,7 +277,7 @@ def _build_rows(opts, selectors, n, dgrid, probs, oracle) -> list[Row]:
 
 
 def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, layout, tick,
-            onnx_rt=None, treatment="drop") -> list[dict]:
+            onnx_rt=None, treatment="drop", proto=None) -> list[dict]:
     """One row's detections over every image (``keep`` None: dense); ``onnx_rt``: run the
     exported detector graph in ONNX Runtime instead of the PyTorch forward."""
     out_dets = []
@@ -265,10 +285,7 @@ def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, 
     with torch.inference_mode():
         for s in range(0, n, batch_size):
             sl = slice(s, min(s + batch_size, n))
-            x = to_input(det_u8[sl], IMAGE_MEAN, IMAGE_STD, device).to(dtype)
-            k = None if keep is None else torch.as_tensor(keep[sl], device=device)
-            if k is not None and bool(k.all()):
-                k = None
+            x, k = batch_inputs(det_u8, keep, sl, proto, device, dtype)
             if onnx_rt is not None:
                 logits, boxes = onnx_rt.detect(x, k)
             else:
@@ -281,6 +298,8 @@ def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, 
 
 
 def _onnx_runtime(opts: PruneEvalOptions, det, det_hw, bavit, device):
+    """(``det_hw``: the square protocol's size; None under the checkpoint's protocol, which
+    the fixed-size graphs cannot run.)"""
     """``--runtime onnx``: the exported graphs, checked against the loaded models (None for torch)."""
     if opts.runtime not in ("torch", "onnx"):
         raise OptionError(f"--runtime must be torch or onnx, got {opts.runtime!r}")

@@ -30,7 +30,7 @@ def prune_eval_cmd(
     selectors: Optional[str] = typer.Option(None, "--selectors", help="Comma list of dense,bavit,oracle,random [default: all the inputs allow]."),
     category_map: Optional[Path] = typer.Option(None, "--category-map", help='JSON {"dataset class": "detector class"} for classes whose names differ.'),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per detector call."),
-    detector_size: Optional[str] = typer.Option(None, "--detector-size", help="Detector input size, N or HxW (stretch-resize) [default: the detector's configured image_size]."),
+    detector_size: Optional[str] = typer.Option(None, "--detector-size", help="Square protocol: every image stretched to N or HxW (the paper's Table 2: 512) [default: the checkpoint's own protocol, from its preprocessor_config.json: hustvl/yolos-tiny keeps the aspect, shortest edge 512, longest 1333, each image on its own grid]."),
     resample: str = typer.Option("nearest", "--resample", help="BAViT grid → detector grid: nearest or any."),
     postprocess_steps: int = typer.Option(0, "--postprocess-steps", help="Clean-up steps on BAViT's grids first (with --thresholds)."),
     layout: Optional[str] = typer.Option(None, "--layout", help="pack or pad [default: pack on CPU, pad on CUDA]."),
@@ -52,6 +52,7 @@ def prune_eval_cmd(
     \b
     Example:
         bavit prune-eval --model runs/bavit-small --detector hustvl/yolos-tiny --root coco --split val2017 --labels val.parquet --sparsities 0:0.9:0.1 --out results/
+    Table 2's protocol (every image 512x512, 1 024 tokens): add --detector-size 512.
     Scale out:  torchrun --nproc_per_node 4 -m bavit_cli prune-eval ... (images sharded, rank 0 writes)
     """
     from bavit_core.data.grid import parse_size
@@ -88,7 +89,9 @@ def _f(v, p=3) -> str:
 
 
 def summary_table(r: dict, batch_size: int) -> Table:
-    t = Table(title=f"bavit prune-eval ({r['n_images']} images, batch {batch_size})", title_justify="left")
+    proto = r.get("input_protocol", {}).get("description", "")
+    t = Table(title=f"bavit prune-eval ({r['n_images']} images, batch {batch_size}, input {proto})",
+              title_justify="left")
     for c in ("selector", "point", "sparsity", "mAP", "AP50", "reduct.", "ms/img", "speedup"):
         t.add_column(c, justify="right")
     for row in r["rows"]:

@@ -78,7 +78,7 @@ def test_report_tables_figures_and_index(demo_dir):
     html_ = (rep / "index.html").read_text()
     assert html_.count("<tr class='noisy'>") == 2 * sum(noisy)
     assert ("have noisy timing" in html_) == any(noisy)
-    for s in ("detector: ", "demo_detector at 128x128", "dataset: coco", "images evaluated: 30"):
+    for s in ("detector: ", "demo_detector, input square 128x128", "dataset: coco", "images evaluated: 30"):
         assert s in html_, s
     assert (rep / "table2.md").read_text().startswith("| model | selector |")
     t1 = list(csv.DictReader(open(rep / "table1.csv")))

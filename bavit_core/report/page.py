@@ -34,8 +34,9 @@ def _write_index(out: Path, tables: dict, figs: list, inp: ReportInputs, meta: d
         data = opts.get("root") or opts.get("ann") or "-"
         split = f" / {opts['split']}" if opts.get("split") else ""
         size = meta.get("detector_size") or opts.get("detector_size")
-        what = (f" · detector: {html.escape(str(opts.get('detector', '-')))}"
-                f"{' at ' + 'x'.join(map(str, size)) if size else ''}"
+        proto = (meta.get("input_protocol") or {}).get("description")
+        at = f", input {proto}" if proto else (" at " + "x".join(map(str, size)) if size else "")
+        what = (f" · detector: {html.escape(str(opts.get('detector', '-')))}{html.escape(at)}"
                 f" · dataset: {html.escape(str(meta.get('dataset', '-')))} {html.escape(str(data))}{html.escape(split)}")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bavit report</title><style>{CSS}</style></head><body>",
              "<h1>BAViT token pruning report</h1>",

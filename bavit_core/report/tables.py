@@ -164,10 +164,14 @@ def _ideal(meta: dict):
     c = SimpleNamespace(**{k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                "num_detection_tokens", "patch_size")},
                         num_labels=len(cfg.get("id2label", {})) or 91)
-    size = meta.get("detector_size") or meta["options"]["detector_size"] or cfg.get("image_size")
-    if isinstance(size, int):
-        size = (size, size)
-    n = (size[0] // c.patch_size) * (size[1] // c.patch_size)
+    tokens = (meta.get("detector_tokens") or {}).get("mean")
+    if tokens:  # the run's own mean tokens per image (each image its own grid under the checkpoint's protocol)
+        n = float(tokens)
+    else:  # results written before the input protocol was recorded
+        size = meta.get("detector_size") or meta["options"]["detector_size"] or cfg.get("image_size")
+        if isinstance(size, int):
+            size = (size, size)
+        n = (size[0] // c.patch_size) * (size[1] // c.patch_size)
     s = np.linspace(0, 0.95, 96)
     dense = detector_gflops(c, np.array([n]), n)
     return s, np.array([dense / detector_gflops(c, np.array([n * (1 - v)]), n) for v in s])

@@ -203,3 +203,34 @@ def test_protocol_from_processor_files(tmp_path):
 
     with pytest.raises(OptionError, match="--detector-size 50x64 is not divisible by the detector patch 16"):
         input_protocol(str(tmp_path / "nowhere"), (50, 64))
+
+
+def test_checkpoint_protocol_on_two_processes_equals_one_process(mixed_coco, tmp_path):
+    """Under torchrun each rank decodes its block; the images' own grids are gathered so the
+    global (threshold-policy) calibration and the token columns see every image."""
+    from bavit_core.data import open_dataset
+    from bavit_core.data.grid import GridSpec
+    from bavit_core.labels import LabelOptions, label_dataset
+    from tests.test_sharded import TIMING, torchrun
+
+    det = tmp_path / "det"
+    _detector(det)
+    labels = tmp_path / "val.parquet"
+    label_dataset(open_dataset("coco", root=mixed_coco, split="val2017"),
+                  LabelOptions(source="boxes", grid=GridSpec(64, 64, 16)), labels)
+    args = ["prune-eval", "--detector", det, "--root", mixed_coco, "--split", "val2017", "--labels", labels,
+            "--sparsities", "0.3,0.6", "--batch-size", "2", "--timing-images", "0"]
+    res = torchrun(*args, "--out", tmp_path / "two")
+    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, err = run_cli(*args, "--out", tmp_path / "one")
+    assert code == 0, err
+    a, b = _csv(tmp_path / "two"), _csv(tmp_path / "one")
+    assert len(a) == len(b) == 3  # dense + oracle at two targets
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+    ma, mb = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("two", "one"))
+    assert ma["per_image_sparsity"] == mb["per_image_sparsity"] and ma["detector_tokens"] == mb["detector_tokens"]
+    # the oracle at 0.6 keeps 40 % of all tokens; each image its own grid's share
+    tokens = np.array([(h // 16) * (w // 16) for h, w in PROCESSED])
+    kept = np.round((1 - np.array(mb["per_image_sparsity"]["oracle_s0.60"])) * tokens)
+    assert kept.sum() == round(0.4 * tokens.sum())

@@ -25,7 +25,7 @@ def train(
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Hold out this share of --labels when no --val-labels."),
     label_threshold: Optional[float] = typer.Option(None, "--label-threshold", help="Re-threshold label scores."),
     depth: int = typer.Option(2, "--depth", help="Transformer blocks: 2 = BAViT-small, 10 = BAViT-large."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="timm model name or local weights file [default: random init]."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="timm model name (downloads or uses the hub cache), local weights file (.safetensors/.bin/.pth/.pt) or a directory timm saved for the hub (config.json + model.safetensors or pytorch_model.bin) [default: random init]."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [default: 100; with --resume: the run's own, or extend it to N]."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per step and per process."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),

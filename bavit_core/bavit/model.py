@@ -7,6 +7,7 @@ weights; nothing is unpickled when loading weights.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,28 +87,63 @@ class BAViT(nn.Module):
 
 def create_bavit(depth: int = 2, input_size: tuple[int, int] = (384, 384), patch: int = 16,
                  pretrained: str | None = None) -> BAViT:
-    """Build BAViT; ``pretrained`` is a timm model name or a local weights file."""
+    """Build BAViT; ``pretrained`` is a timm model name, a local weights file or a directory as
+    timm's ``save_for_hf``/``push_to_hf_hub`` writes it (``config.json`` + weights).
+
+    The same seed gives the same model however the weights arrive: whatever random draws
+    getting them takes (timm builds a whole model before loading a named checkpoint) happen
+    on a forked random state, so BAViT's own initialisation (the per-token head) and every
+    draw after it are those of a run without ``pretrained``."""
     cfg = ModelConfig(depth=depth, input_h=input_size[0], input_w=input_size[1], patch=patch, pretrained=pretrained)
-    if pretrained:
-        state, mean, std = _pretrained_state(pretrained)
-        cfg.mean, cfg.std = mean, std
-        model = BAViT(cfg)
-        load_vit_weights(model, state)
-        return model
-    return BAViT(cfg)
+    cfg.validate()
+    if not pretrained:
+        return BAViT(cfg)
+    with _rng_untouched():
+        state, mean, std, source = _pretrained_state(pretrained)
+    cfg.mean, cfg.std = mean, std
+    model = BAViT(cfg)
+    load_vit_weights(model, state, source=source)
+    return model
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# the weights files timm's save_for_hf / push_to_hf_hub write beside config.json, preferred first
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# timm modules whose models are VisionTransformer (deit's are too, with the same tensor names)
+VIT_MODULES = ("vision_transformer", "deit")
+
+
+@contextmanager
+def _rng_untouched():
+    """Run a block without moving torch's (CPU), numpy's or Python's global random state."""
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _pretrained_state(name: str):
-    p = Path(name)
-    if p.suffix in (".safetensors", ".pth", ".pt", ".bin") or p.exists():
+    """(state dict, mean, std, source) for ``--pretrained``; source is the weights file read,
+    None for a timm name."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return _timm_dir_state(p)
+    if p.suffix in WEIGHT_SUFFIXES or p.exists():
         if not p.is_file():
             raise InputFileError(p, "pretrained weights file not found")
         mean, std = weights_normalisation(p)
-        return read_state_dict(p), mean, std
+        return read_state_dict(p), mean, std, p
     import timm
 
     if not timm.is_model(name):
-        raise OptionError(f"unknown timm model {name!r} (and no such local weights file)")
+        raise OptionError(f"unknown timm model {name!r} (and no such local weights file or directory)")
     _require_hub_reachable(name)
     try:
         m = timm.create_model(name, pretrained=True, num_classes=0)
@@ -121,7 +157,42 @@ def _pretrained_state(name: str):
             "pass a local weights file to --pretrained instead"
         ) from None
     dc = m.pretrained_cfg
-    return m.state_dict(), tuple(dc.get("mean", IMAGENET_MEAN)), tuple(dc.get("std", IMAGENET_STD))
+    return m.state_dict(), tuple(dc.get("mean", IMAGENET_MEAN)), tuple(dc.get("std", IMAGENET_STD)), None
+
+
+def _timm_dir_state(d: Path):
+    """A directory in the layout timm writes for the Hugging Face hub (``save_for_hf``):
+    ``config.json`` (``architecture``, ``pretrained_cfg`` with mean/std) beside
+    ``model.safetensors`` and/or ``pytorch_model.bin`` (safetensors preferred)."""
+    cfg_file = d / "config.json"
+    weights = next((d / n for n in HF_WEIGHT_FILES if (d / n).is_file()), None)
+    missing = ([] if cfg_file.is_file() else ["config.json"]) + ([] if weights else [" or ".join(HF_WEIGHT_FILES)])
+    if missing:
+        raise InputFileError(d, f"not a timm model directory (no {' and no '.join(missing)}); --pretrained takes a "
+                                "directory as timm's save_for_hf / push_to_hf_hub write it: config.json beside "
+                                "model.safetensors or pytorch_model.bin")
+    try:
+        doc = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputFileError(cfg_file, f"not valid JSON ({str(exc).splitlines()[0][:200]})") from None
+    except OSError as exc:
+        raise InputFileError(cfg_file, f"cannot read it ({exc.strerror or exc})") from None
+    arch = doc.get("architecture") if isinstance(doc, dict) else None
+    if not isinstance(arch, str) or not arch:
+        hint = ""
+        if isinstance(doc, dict) and "architectures" in doc:
+            hint = " (it looks like a Hugging Face transformers config; convert the weights to timm's ViT first)"
+        elif isinstance(doc, dict) and "model" in doc and "train" in doc:
+            hint = " (it is a bavit run directory, not ImageNet ViT weights)"
+        raise InputFileError(cfg_file, "not a timm model config: no 'architecture' (timm's save_for_hf writes "
+                                       f"one, e.g. \"vit_tiny_patch16_384\"){hint}")
+    from timm.models import is_model_in_modules
+
+    if not is_model_in_modules(arch, list(VIT_MODULES)):
+        raise InputFileError(cfg_file, f"architecture {arch!r} is not a timm ViT (vision_transformer); BAViT "
+                                       "starts from ViT-tiny weights such as vit_tiny_patch16_384")
+    mean, std = weights_normalisation(weights)
+    return read_state_dict(weights), mean, std, weights
 
 
 def _norm(v) -> tuple | None:
@@ -205,6 +276,13 @@ def _require_hub_reachable(name: str, timeout: float = 3.0) -> None:
 
 def read_state_dict(path: Path) -> dict:
     """Read weights without unpickling: safetensors, or torch files with weights_only=True."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputFileError(path, f"cannot read weights ({exc.strerror or exc})") from None
+    if size == 0:
+        raise InputFileError(path, "cannot read weights: the file is empty (0 bytes)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -212,26 +290,74 @@ def read_state_dict(path: Path) -> dict:
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputFileError(path, f"cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise InputFileError(path, f"cannot read weights: {_read_problem(path, exc)}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if not isinstance(sd, dict):
-        raise InputFileError(path, "weights file does not hold a state dict")
+        raise InputFileError(path, f"weights file does not hold a state dict (it holds a {type(sd).__name__}, "
+                                   "not a mapping of names to tensors)")
     return sd
 
 
-def load_vit_weights(model: BAViT, state: dict) -> list[str]:
+def _read_problem(path: Path, exc: Exception) -> str:
+    """Why a weights file could not be read, in plain words."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "").split(". ")[0][:200]
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" (it refers to {found.group(1)})" if found else ""
+        return (f"it is a pickle holding Python objects besides tensors{what}; bavit loads weights with "
+                "torch.load(weights_only=True), which refuses to unpickle those because unpickling can run "
+                "arbitrary code. Re-save just the tensors (torch.save(model.state_dict(), path) or "
+                "safetensors.torch.save_file) and pass that file")
+    if path.suffix == ".safetensors":
+        return f"not a valid safetensors file (truncated or damaged?) ({detail})"
+    if isinstance(exc, EOFError) or "PytorchStreamReader" in text or "central directory" in text:
+        return f"the PyTorch file is truncated or damaged ({detail})"
+    return f"not a PyTorch weights file ({detail})"
+
+
+def load_vit_weights(model: BAViT, state: dict, source: str | Path | None = None) -> list[str]:
     """Copy ImageNet ViT weights into BAViT: patch embedding, position embeddings
     (CLS entry dropped, grid resampled), the first ``depth`` blocks and the final norm.
-    The per-token head stays freshly initialised. Returns the names loaded."""
+    The per-token head stays freshly initialised. Returns the names loaded.
+
+    Weights that do not fit BAViT's ViT-tiny are refused naming ``source`` (the file they
+    came from, as a Path; a timm name otherwise)."""
     from timm.layers import resample_abs_pos_embed
+
+    def unfit(problem: str) -> BavitError:
+        if isinstance(source, Path):
+            return InputFileError(source, problem)
+        return BavitError(f"pretrained weights {source!r}: {problem}" if source else f"pretrained weights: {problem}")
 
     vit = model.vit
     own = vit.state_dict()
-    state = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in state.items()}
-    new = {}
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "vit."):
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    pe = state.get("patch_embed.proj.weight")
+    if pe is None:
+        named = [k for k in state if k.endswith(".weight")] or list(state)
+        some = ", ".join(repr(k) for k in named[:3])
+        raise unfit(f"not ViT weights: no patch embedding ('patch_embed.proj.weight') among its {len(state)} "
+                    f"tensors{' (' + some + ', ...)' if some else ''}; BAViT starts from a timm ViT-tiny such "
+                    "as vit_tiny_patch16_384")
+    need = own["patch_embed.proj.weight"].shape
+    if pe.shape != need:
+        def patch(shape) -> str:
+            return str(shape[0]) if shape[0] == shape[1] else f"{shape[0]}x{shape[1]}"
+
+        got = (f"a ViT with embed dim {pe.shape[0]} and patch {patch(pe.shape[2:])}" if pe.dim() == 4
+               else f"a patch embedding of shape {tuple(pe.shape)}")
+        raise unfit(f"weights of {got}; BAViT needs embed dim {need[0]} and patch {patch(need[2:])} "
+                    "(a ViT-tiny such as vit_tiny_patch16_384)")
+    new, misfit = {}, []
     for k, v in state.items():
         if k.startswith("blocks."):
             if int(k.split(".")[1]) >= model.cfg.depth:
@@ -243,11 +369,17 @@ def load_vit_weights(model: BAViT, state: dict) -> list[str]:
             if prefix:
                 v = v[:, prefix:]
             v = resample_abs_pos_embed(v, list(model.cfg.grid_shape), old_size=[gs, gs], num_prefix_tokens=0)
-        if k in own and own[k].shape == v.shape and not k.startswith("head"):
-            new[k] = v
-    if "patch_embed.proj.weight" not in new or not any(k.startswith("blocks.0.") for k in new):
-        raise BavitError("pretrained weights do not fit a ViT with embed dim "
-                         f"{model.cfg.embed_dim} and patch {model.cfg.patch} (is it a ViT-tiny?)")
+        if k in own and not k.startswith("head"):
+            if own[k].shape == v.shape:
+                new[k] = v
+            else:
+                misfit.append(f"{k} is {tuple(v.shape)}, BAViT needs {tuple(own[k].shape)}")
+    if misfit:
+        raise unfit(f"weights do not fit BAViT's ViT-tiny: {misfit[0]}"
+                    + (f" (and {len(misfit) - 1} more)" if len(misfit) > 1 else ""))
+    if not any(k.startswith("blocks.0.") for k in new):
+        raise unfit("no transformer block weights ('blocks.0.*'); BAViT starts from a timm ViT-tiny such as "
+                    "vit_tiny_patch16_384")
     vit.load_state_dict(new, strict=False)
     return sorted(new)
 

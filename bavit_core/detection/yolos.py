@@ -28,11 +28,14 @@ def load_detector(name_or_path: str, device="cpu"):
     """YolosForObjectDetection from a local HF directory or a hub name (needs a network).
 
     Checked before any work: the directory's config is a YOLOS (``model_type``) and its
-    weights load with no missing or unexpected keys; a hub name that is not cached fails
-    fast when the hub cannot be reached (no retry loop). transformers' load report is not
-    printed."""
+    weights load with no missing, unexpected or mismatched keys; a hub name that is not cached
+    fails fast when the hub cannot be reached (no retry loop). A damaged weights file (empty,
+    truncated, not safetensors, a pickle that torch's weights-only loader refuses) is one
+    InputFileError naming that file. transformers' load report is not printed."""
     import json
+    import pickle
 
+    from safetensors import SafetensorError
     from transformers import YolosForObjectDetection
     from transformers.utils import logging as hf_logging
 
@@ -51,24 +54,29 @@ def load_detector(name_or_path: str, device="cpu"):
         if mt != "yolos":
             raise InputFileError(p, f"not a YOLOS detector (model_type {mt!r}); pass a YOLOS directory, "
                                     "e.g. one written by bavit finetune")
-    kw = dict(attn_implementation="sdpa", output_loading_info=True)
+    # mismatched shapes are reported in the loading info (and refused below), not raised
+    kw = dict(attn_implementation="sdpa", output_loading_info=True, ignore_mismatched_sizes=True)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        try:
-            model, info = YolosForObjectDetection.from_pretrained(str(name_or_path), local_files_only=True, **kw)
-        except OSError:
-            if looks_local or not _hub_reachable():
-                raise
-            model, info = YolosForObjectDetection.from_pretrained(str(name_or_path), **kw)
+        with _quiet_unpickler():
+            try:
+                model, info = YolosForObjectDetection.from_pretrained(str(name_or_path), local_files_only=True, **kw)
+            except OSError:
+                if looks_local or not _hub_reachable():
+                    raise
+                model, info = YolosForObjectDetection.from_pretrained(str(name_or_path), **kw)
     except OSError as exc:
+        _raise_damaged_weights(name_or_path, looks_local)
         where = "local directory" if looks_local else "hub model (not cached, and the hub cannot be reached)"
         raise BavitError(
-            f"cannot load detector {name_or_path!r} as a {where} ({str(exc).splitlines()[0][:160]}); "
+            f"cannot load detector {name_or_path!r} as a {where} ({_first_line(exc)}); "
             "without a network pass --detector PATH to a local Hugging Face YOLOS directory"
         ) from None
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise InputFileError(name_or_path, f"not a YOLOS detector ({str(exc).splitlines()[0][:160]})") from None
+    except (SafetensorError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError,
+            RuntimeError) as exc:
+        _raise_damaged_weights(name_or_path, looks_local)
+        raise InputFileError(name_or_path, f"not a YOLOS detector ({_first_line(exc)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if model.config.model_type != "yolos":
@@ -77,16 +85,151 @@ def load_detector(name_or_path: str, device="cpu"):
                                  ("mismatched", info.get("mismatched_keys"))) if v]
     if bad:
         kind, keys = bad[0]
-        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in keys)
+        keys = sorted(keys, key=lambda k: str(k if isinstance(k, str) else k[0]))
+        first = keys[0]
+        example = str(first if isinstance(first, str) else first[0])
+        if kind == "mismatched" and not isinstance(first, str) and len(first) == 3:
+            example += f": {tuple(first[1])} in the weights, {tuple(first[2])} for its config.json"
         raise InputFileError(name_or_path, f"the weights do not fit a YOLOS detector: {len(keys)} {kind} keys "
-                                           f"(e.g. {keys[0]})")
+                                           f"(e.g. {example})")
     return model.float().to(device).eval()  # weights may be stored in half precision
 
 
-def detector_input_size(model) -> tuple[int, int]:
-    """The input size (h, w) the detector is configured for (its config's ``image_size``)."""
-    size = model.config.image_size
-    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+_WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+class _quiet_unpickler:
+    """Hide torch's weights-only unpickler warning (a pickle protocol it did not expect) while
+    loading: the refusal that follows is explained in one line instead."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._weights_only_unpickler")
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+def _weight_files(name_or_path: str, looks_local: bool) -> list[Path]:
+    """The weights files transformers reads for a detector, in its order of preference
+    (safetensors first): the single file, or the shards an index lists. A hub name is looked
+    up in the local cache only."""
+    import json
+
+    if not looks_local:
+        from huggingface_hub import try_to_load_from_cache
+
+        for single, _ in _WEIGHT_FILES:
+            try:
+                hit = try_to_load_from_cache(name_or_path, single)
+            except Exception:  # not a valid repo id
+                return []
+            if isinstance(hit, str):
+                return [Path(hit)]
+        return []
+    d = Path(name_or_path)
+    for single, index in _WEIGHT_FILES:
+        if (d / single).is_file():
+            return [d / single]
+        if (d / index).is_file():
+            try:
+                shards = sorted(set(json.loads((d / index).read_text())["weight_map"].values()))
+                return [d / s for s in shards]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return [d / index]
+    return []
+
+
+def _raise_damaged_weights(name_or_path: str, looks_local: bool) -> None:
+    """Raise one InputFileError naming the first weights file that cannot be read, if any."""
+    for f in _weight_files(name_or_path, looks_local):
+        problem = _weights_problem(f)
+        if problem:
+            raise InputFileError(f, problem) from None
+
+
+def _weights_problem(f: Path) -> str | None:
+    """What is wrong with one weights file (None: it reads)."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        return f"cannot read the weights ({exc.strerror or exc})"
+    if size == 0:
+        return "empty weights file (0 bytes)"
+    if f.name.endswith(".index.json"):
+        return "unreadable shard index (not a JSON weight_map)"
+    if f.suffix == ".safetensors":
+        return _safetensors_problem(f, size, head)
+    return _torch_file_problem(f)
+
+
+def _safetensors_problem(f: Path, size: int, head: bytes) -> str | None:
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), "pt") as sf:
+            sf.keys()
+        return None
+    except SafetensorError as exc:
+        detail = _first_line(exc).replace("Error while deserializing header: ", "")
+    if len(head) < 8:
+        return f"truncated: {size} bytes, shorter than the 8-byte safetensors header"
+    n = int.from_bytes(head, "little")
+    if n < (1 << 27):  # a plausible header length (safetensors caps it at 100 MB)
+        if 8 + n > size:
+            return f"truncated: {size} bytes, but its header alone needs {8 + n}"
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(8)
+                header = json.loads(fh.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+            end = None
+        if end is not None and size < 8 + n + end:
+            return f"truncated: {size} of {8 + n + end} bytes (the download or copy was cut short)"
+    return f"not a readable safetensors file ({detail})"
+
+
+def _torch_file_problem(f: Path) -> str | None:
+    import pickle
+    import re
+    import zipfile
+    from collections.abc import Mapping
+
+    try:
+        with _quiet_unpickler():
+            obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        op = re.search(r"Unsupported operand (\d+)", text)
+        why = (f"it would import {glob.group(1)}" if glob else
+               f"unsupported pickle operand {op.group(1)}" if op else _first_line(exc, 100))
+        return (f"pickle refused: not a weights-only file ({why}); torch.load(weights_only=True) reads "
+                "tensors and plain containers only")
+    except EOFError:
+        return "truncated: the pickle ends early"
+    except RuntimeError as exc:
+        return f"truncated or damaged PyTorch file ({_first_line(exc).split('. ')[0][:120]})"
+    except Exception as exc:  # whatever else torch.load meets in a damaged file
+        return f"not a PyTorch weights file ({type(exc).__name__}: {_first_line(exc, 100)})"
+    if not isinstance(obj, Mapping):
+        return f"not a PyTorch state dict (it holds a {type(obj).__name__})"
+    return None
 
 
 def export_detector(src: str, dest: str | Path, half: bool = True) -> Path:

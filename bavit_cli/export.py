@@ -16,7 +16,7 @@ def export(
     detector: str = typer.Option("hustvl/yolos-tiny", "--detector", help="HF hub name (needs a network) or local YOLOS directory."),
     model: Optional[Path] = typer.Option(None, "--model", help="BAViT run directory (adds bavit.onnx and pipeline.onnx)."),
     out: Path = typer.Option(Path("exported"), "--out", help="Output directory (graphs + manifest.json)."),
-    detector_size: str = typer.Option("512", "--detector-size", help="Detector input size the graphs are fixed to, N or HxW."),
+    detector_size: Optional[str] = typer.Option(None, "--detector-size", help="Square size the graphs are fixed to, N or HxW [default: the detector's own square size, else its processor's shortest edge (hustvl/yolos-tiny: 512), else 512]."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="pipeline.onnx keeps a token when 1 - p_fg < this [default: 0.5]."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Share of tokens pruned per image (with --policy topk)."),
     policy: str = typer.Option("threshold", "--policy", help="threshold (--threshold) or topk (--sparsity: every image keeps ceil((1-S)*P) tokens)."),
@@ -38,10 +38,11 @@ def export(
     from bavit_core.export.onnx_export import ExportOptions, export_onnx
 
     opts = ExportOptions(detector=detector, out=str(out), model=str(model) if model else None,
-                         detector_size=parse_size(detector_size), threshold=threshold, sparsity=sparsity,
+                         detector_size=parse_size(detector_size) if detector_size else None, threshold=threshold, sparsity=sparsity,
                          policy=policy, pruned_tokens=pruned_tokens, dense=dense, opset=opset)
     show = (lambda s: err_console.print(f"[dim]exporting {s}[/]")) if err_console.is_terminal else None
     r = export_onnx(opts, show)
+    console.print(f"Input: {r['input_protocol']}", soft_wrap=True)
     console.print(f"Grids: {r['grids']}", soft_wrap=True)
     rows = []
     for name, diffs in r["verified"].items():

@@ -35,7 +35,7 @@ def finetune(
     threshold: float = typer.Option(0.5, "--threshold", help="BAViT: a token is pruned when its BG probability >= this."),
     pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="What happens to pruned tokens in training and "
                                       "validation: drop (the paper), pool (one mean token) or preserve (frozen keys/values)."),
-    detector_size: str = typer.Option("512", "--detector-size", help="Detector input size, N or HxW."),
+    detector_size: Optional[str] = typer.Option(None, "--detector-size", help="Square training size, N or HxW, written to the detector's preprocessor_config.json [default: the --detector's own square size, else its processor's shortest edge (hustvl/yolos-tiny: 512), else 512]."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [default: 30; with --resume: the run's own, or extend it to N]."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per step and per process."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
@@ -66,7 +66,7 @@ def finetune(
         images=str(images) if images else None, val_split=val_split, val_labels=str(val_labels) if val_labels else None,
         val_fraction=val_fraction, detector=detector, from_scratch=from_scratch, detector_config=detector_config,
         num_detection_tokens=num_detection_tokens,
-        init_encoder=str(init_encoder) if init_encoder else None, dense_aux=dense_aux, detector_size=parse_size(detector_size), selector=selector,
+        init_encoder=str(init_encoder) if init_encoder else None, dense_aux=dense_aux, detector_size=parse_size(detector_size) if detector_size else None, selector=selector,
         labels=str(labels) if labels else None, model=str(model) if model else None, threshold=threshold,
         pruned_tokens=pruned_tokens,
         epochs=epochs if epochs is not None or resume else FinetuneOptions.epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,

@@ -17,15 +17,7 @@ from .runtime.errors import BavitError
 
 SCENES = "simple"  # the layout the shipped detector was trained on (bavit synth --scenes simple)
 BAVIT_SIZE = 128  # BAViT's grid (8x8) is the detector's: no resampling between them
-DETECTOR_SIZE = 128  # for --train-detector; the shipped detector's own size is read from its config
-
-
-def detector_input_size(det: Path) -> tuple[int, int]:
-    """The input size a detector directory was trained at (its config's ``image_size``)."""
-    import json
-
-    size = json.loads((Path(det) / "config.json").read_text()).get("image_size", [DETECTOR_SIZE, DETECTOR_SIZE])
-    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+DETECTOR_SIZE = 128  # for --train-detector; the shipped detector's own size is in its preprocessor_config.json
 
 
 def shipped_detector() -> Path:
@@ -174,7 +166,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
     pe_prog = prog("prune-eval")
     sub = getattr(pe_prog, "substage", None)
     common = dict(root=str(data), split="val2017", model=str(run), labels=str(out / "labels_val2017.parquet"),
-                  batch_size=st["batch"], detector_size=detector_input_size(det), device=opts.device, seed=opts.seed)
+                  batch_size=st["batch"], device=opts.device, seed=opts.seed)
     # BAViT's rows twice: pruned tokens dropped (the paper) and preserved as frozen keys/values
     # (the best treatment at equal sparsity, docs/results.md); the baselines drop only
     res = prune_eval(PruneEvalOptions(detector=str(det), sparsities=st["sparsities"], timing_images=st["timing_images"],
@@ -197,7 +189,7 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
     thr = at["bavit"]["threshold"]  # the BG threshold that reached the operating point on val
     finetune(FinetuneOptions(detector=str(det), root=str(data), split="train2017", val_split="val2017",
                              selector="bavit", model=str(run), threshold=float(thr),
-                             detector_size=detector_input_size(det), epochs=st["f_epochs"], batch_size=8, lr=st["f_lr"],
+                             epochs=st["f_epochs"], batch_size=8, lr=st["f_lr"],
                              warmup_epochs=0.5, seed=opts.seed, device=opts.device, out=str(f_det)),
              on_step=_per_run(prog("finetune"), st["f_epochs"]), overwrite=True)
     fres = prune_eval(PruneEvalOptions(detector=str(f_det), sparsities=[OPERATING_POINT], selectors=["bavit"],

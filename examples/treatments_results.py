@@ -60,7 +60,8 @@ def main():
     from bavit_core.data import open_dataset
     from bavit_core.data.grid import resample_grid
     from bavit_core.data.images import decode_once, resolve_paths, to_input
-    from bavit_core.demo import detector_input_size, shipped_detector
+    from bavit_core.demo import shipped_detector
+    from bavit_core.detection.protocol import square_protocol
     from bavit_core.detection.accounting import bavit_gflops, detector_gflops
     from bavit_core.detection.cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections
     from bavit_core.detection.pruned import pruned_forward
@@ -73,7 +74,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     det_dir = Path(a.detector) if a.detector else shipped_detector()
     treatments = a.treatments.split(",")
-    det_hw = detector_input_size(det_dir)
+    det_hw = square_protocol(str(det_dir)).size  # the size it was trained at (its processor file)
     base = load_detector(str(det_dir))
     dgrid = detector_grid(base, det_hw)
     n_patches = dgrid[0] * dgrid[1]

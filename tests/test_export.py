@@ -223,7 +223,7 @@ def test_export_bad_input(models, tmp_path, monkeypatch):
         assert code == 1 and err.count("\n") == 1, err
         return err.strip()[len("Error: "):]
 
-    assert err_of("--detector-size", "100") == "--detector-size (100, 100) is not divisible by the detector patch 16"
+    assert err_of("--detector-size", "100") == "--detector-size 100x100 is not divisible by the detector patch 16"
     assert err_of("--opset", "21") == "--opset 21 is outside what the exporter supports (7..20)"
     assert err_of("--model", run, "--detector-size", "64", "--opset", "13").startswith(
         "cannot export bavit.onnx at opset 13: Exporting the operator 'aten::scaled_dot_product_attention'")
@@ -311,14 +311,14 @@ def test_prune_eval_onnx_checks_the_export_against_its_inputs(models, exported, 
 
 def test_shipped_demo_detector_in_onnx_runtime_equals_pytorch(coco_synth, tmp_path):
     from bavit_core.data.images import load_image, to_input
-    from bavit_core.demo import detector_input_size, shipped_detector
+    from bavit_core.demo import shipped_detector
     from bavit_core.detection.yolos import IMAGE_MEAN, IMAGE_STD
 
     det_dir = shipped_detector()
-    size = detector_input_size(det_dir)
-    code, _, err = run_cli("export", "--detector", det_dir, "--out", tmp_path / "demo",
-                           "--detector-size", f"{size[0]}x{size[1]}")
+    size = (128, 128)  # its preprocessor_config.json: the default export size
+    code, _, err = run_cli("export", "--detector", det_dir, "--out", tmp_path / "demo")
     assert code == 0, err
+    assert json.loads((tmp_path / "demo" / "manifest.json").read_text())["detector"]["input_size"] == [128, 128]
     det = load_detector(str(det_dir))
     ort = ExportedModels(tmp_path / "demo", det, size)
     files = sorted((coco_synth / "val2017").iterdir())[:3]

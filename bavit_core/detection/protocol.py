@@ -20,7 +20,7 @@ size the position embeddings were stored at.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +185,38 @@ def write_processor(dest: Path, size: tuple[int, int], mean=IMAGENET_MEAN, std=I
                                image_mean=list(mean), image_std=list(std))
     proc.save_pretrained(str(dest))
     return Path(dest) / PROCESSOR_FILE
+
+
+DEFAULT_SQUARE = 512  # the paper's training and Table 2 size for YOLOS-tiny
+
+
+def square_protocol(detector: str | None, size: tuple[int, int] | None = None, patch: int = 16,
+                    option: str = "--detector-size") -> InputProtocol:
+    """The *square* protocol a fixed-size consumer of ``detector`` (``bavit finetune``'s
+    training, ``bavit export``'s graphs) uses: ``size`` when given (``option``); else the
+    checkpoint's own square size (a detector this toolkit trained says it in its processor
+    file); else its processor's shortest edge as a square (hustvl/yolos-tiny: 512, the
+    paper's); else 512. The normalisation is always the checkpoint's processor's;
+    ``detector`` None (a new detector) takes ImageNet's."""
+    path = _processor_path(detector) if detector else None
+    if size is None and path is not None:
+        own = input_protocol(detector, None, patch)
+        if own.kind == "square":
+            return own
+        s = own.processor_size.get("shortest_edge")
+        if not isinstance(s, int) or s <= 0:
+            raise InputFileError(path, f"cannot derive a square size from its size rule ({describe_size(own.processor_size)}): "
+                                       f"pass {option}")
+        s -= s % patch
+        return InputProtocol("square", (s, s), own.processor_size, own.mean, own.std, own.rescale,
+                             f"{path} (shortest edge {own.processor_size['shortest_edge']}, as a square)", own._processor)
+    if size is None:
+        size, source = (DEFAULT_SQUARE, DEFAULT_SQUARE), f"default {DEFAULT_SQUARE}"
+    else:
+        source = option
+    h, w = int(size[0]), int(size[1])
+    if h % patch or w % patch:
+        raise OptionError(f"{option} {h}x{w} is not divisible by the detector patch {patch}")
+    if path is not None:  # the checkpoint's normalisation, at the given size
+        return replace(input_protocol(detector, (h, w), patch), source=source)
+    return InputProtocol("square", (h, w), {"height": h, "width": w}, source=source, _processor=_load_processor(None))

@@ -23,7 +23,8 @@ import torch
 from .. import __version__
 from ..detection.pruned import pruned_forward
 from ..detection.selection import kept_per_image
-from ..detection.yolos import IMAGE_MEAN, IMAGE_STD, detector_grid, load_detector
+from ..detection.protocol import square_protocol
+from ..detection.yolos import detector_grid, load_detector
 from ..runtime.errors import BavitError, InputFileError, OptionError
 from ..runtime.fileio import atomic_write_text, sha256_file
 from .graphs import POLICIES, BavitProbs, DenseDetector, Pipeline, PrunedDetector, reference_keep
@@ -41,7 +42,7 @@ class ExportOptions:
     detector: str
     out: str
     model: str | None = None
-    detector_size: tuple[int, int] = (512, 512)
+    detector_size: tuple[int, int] | None = None  # None: square_protocol's default
     threshold: float | None = None
     sparsity: float | None = None
     policy: str = "threshold"
@@ -165,7 +166,9 @@ def export_onnx(opts: ExportOptions, progress: Callable[[str], None] | None = No
     say = progress or (lambda s: None)
     t0 = time.perf_counter()
     det = load_detector(opts.detector)
-    size = tuple(opts.detector_size)
+    proto = square_protocol(opts.detector, tuple(opts.detector_size) if opts.detector_size else None,
+                            det.config.patch_size)
+    size = proto.size
     dgrid = detector_grid(det, size)
     bavit = None
     if opts.model is not None:
@@ -195,7 +198,7 @@ def export_onnx(opts: ExportOptions, progress: Callable[[str], None] | None = No
             shutil.rmtree(out, ignore_errors=True)  # nothing of this run is left behind
         raise
     shutil.rmtree(stage, ignore_errors=True)
-    return _finish(out, opts, det, size, dgrid, bavit, graphs, verified, selection, t0)
+    return _finish(out, opts, det, proto, dgrid, bavit, graphs, verified, selection, t0)
 
 
 def _write_graphs(stage: Path, opts: ExportOptions, det, size, dgrid, bavit, say):
@@ -293,7 +296,8 @@ def _write_graphs(stage: Path, opts: ExportOptions, det, size, dgrid, bavit, say
     return graphs, verified, selection
 
 
-def _finish(out: Path, opts, det, size, dgrid, bavit, graphs, verified, selection, t0) -> dict:
+def _finish(out: Path, opts, det, proto, dgrid, bavit, graphs, verified, selection, t0) -> dict:
+    size = proto.size
     onnx, ort = require_onnx()
     import transformers
 
@@ -316,7 +320,9 @@ def _finish(out: Path, opts, det, size, dgrid, bavit, graphs, verified, selectio
             "patch": cfg.patch_size, "grid": list(dgrid), "n_patches": n_p, "num_detection_tokens": d,
             "num_labels": cfg.num_labels, "id2label": {str(k): v for k, v in cfg.id2label.items()},
             "use_mid_position_embeddings": bool(cfg.use_mid_position_embeddings),
-            "normalisation": {"scale": "1/255", "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD), "layout": "RGB, NCHW"},
+            "input_protocol": proto.as_dict(),
+            "normalisation": {"scale": _scale_text(proto.rescale), "mean": list(proto.mean), "std": list(proto.std),
+                              "layout": "RGB, NCHW"},
             "boxes": "normalised (cx, cy, w, h) in [0, 1]; logits' last class is no-object",
         },
         "bavit": None if bavit is None else {
@@ -332,4 +338,9 @@ def _finish(out: Path, opts, det, size, dgrid, bavit, graphs, verified, selectio
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     _readable(out / MANIFEST)
     return {"out": str(out), "graphs": [g["file"] for g in graphs.values()], "grids": manifest["grids"],
-            "verified": verified, "seconds": time.perf_counter() - t0}
+            "verified": verified, "seconds": time.perf_counter() - t0, "input_protocol": proto.describe()}
+
+
+def _scale_text(rescale: float) -> str:
+    """The rescale factor as the manifest writes it: ``1/255`` (the usual), else the number."""
+    return "1/255" if abs(rescale - 1 / 255) < 1e-12 else repr(float(rescale))

@@ -11,10 +11,9 @@ from ..bavit.inference import infer_probs
 from ..bavit.model import load_bavit
 from ..data import AnnotationSet
 from ..data.grid import resample_grid
-from ..data.images import decode_once, to_input
+from ..data.images import decode_for_detector, to_input
 from ..detection.cocoeval import voc_category_map
 from ..detection.selection import bavit_keep
-from ..detection.yolos import IMAGE_MEAN, IMAGE_STD
 from ..labels import read_labels
 from .options import FinetuneOptions
 
@@ -27,6 +26,9 @@ class FinetuneData:
     ids: np.ndarray
     widths: np.ndarray
     heights: np.ndarray
+    mean: tuple  # the input protocol's normalisation
+    std: tuple
+    rescale: float
 
 
 def label_map_for(aset: AnnotationSet, model_cfg=None) -> dict[int, int]:
@@ -39,12 +41,13 @@ def label_map_for(aset: AnnotationSet, model_cfg=None) -> dict[int, int]:
     return {cid: names.index(n) + 1 for cid, n in aset.categories.items()}
 
 
-def prepare(aset: AnnotationSet, idx: np.ndarray, size, label_map, keep_sel, paths) -> FinetuneData:
-    """Decode each image once: detector-size pixels, box targets, and the kept-token grid
-    (the BAViT selector gets BAViT-size copies from the same decode)."""
+def prepare(aset: AnnotationSet, idx: np.ndarray, proto, label_map, keep_sel, paths) -> FinetuneData:
+    """Decode each image once: the detector's pixels through the input protocol (its
+    processor's resize at the square size), box targets, and the kept-token grid (the
+    BAViT selector gets BAViT-size copies from the same decode)."""
     keep_fn, keep_size = keep_sel if keep_sel else (None, None)
-    sizes = [size] + ([keep_size] if keep_size else [])
-    stores = decode_once([paths[i] for i in idx], sizes)
+    stores = decode_for_detector([paths[i] for i in idx], proto.prepare, proto.size,
+                                 [keep_size] if keep_size else [])
     imgs, small = stores[0], (stores[1] if keep_size else None)
     targets = []
     use = ~aset.box_crowd & ~aset.box_difficult
@@ -58,7 +61,8 @@ def prepare(aset: AnnotationSet, idx: np.ndarray, size, label_map, keep_sel, pat
         ok = labels >= 0
         targets.append((labels[ok], cxcywh[ok].astype(np.float32)))
     keep = keep_fn(idx, small) if keep_fn else None
-    return FinetuneData(imgs, targets, keep, aset.image_ids[idx], aset.widths[idx], aset.heights[idx])
+    return FinetuneData(imgs, targets, keep, aset.image_ids[idx], aset.widths[idx], aset.heights[idx],
+                        proto.mean, proto.std, proto.rescale)
 
 
 def keep_selector(opts: FinetuneOptions, aset, grid, device, labels_path):
@@ -81,7 +85,7 @@ def keep_selector(opts: FinetuneOptions, aset, grid, device, labels_path):
 
 
 def make_batch(data: FinetuneData, b, flips, device):
-    x = to_input(data.images[b], IMAGE_MEAN, IMAGE_STD, device)
+    x = to_input(data.images[b], data.mean, data.std, device, data.rescale)
     keep = None if data.keep is None else torch.as_tensor(data.keep[b], device=device)
     targets = []
     for k, i in enumerate(b):

@@ -27,7 +27,8 @@ from ..data import open_dataset
 from ..data.images import resolve_paths, to_input
 from ..detection.cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections
 from ..detection.pruned import pruned_forward
-from ..detection.yolos import (IMAGE_MEAN, IMAGE_STD, detector_grid, init_encoder_from_bavit, init_new_yolos,
+from ..detection.protocol import InputProtocol, square_protocol, write_processor
+from ..detection.yolos import (detector_grid, init_encoder_from_bavit, init_new_yolos,
                                load_detector, tiny_yolos_config)
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist, epoch_order
@@ -45,7 +46,7 @@ METRICS_FILE = "metrics.jsonl"
 OPTIONS_FILE = "finetune.json"
 
 
-def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None):
+def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None, size=None):
     from transformers import YolosForObjectDetection
 
     if resume_dir is not None:  # the architecture; state.pt then sets the weights
@@ -65,7 +66,7 @@ def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None):
         over = {}
         if opts.num_detection_tokens:
             over["num_detection_tokens"] = opts.num_detection_tokens
-        cfg = tiny_yolos_config(opts.detector_config, num_labels=n_labels, image_size=tuple(opts.detector_size),
+        cfg = tiny_yolos_config(opts.detector_config, num_labels=n_labels, image_size=tuple(size),
                                 id2label=id2label, label2id={v: k for k, v in id2label.items()}, **over)
         torch.manual_seed(opts.seed)
         model = YolosForObjectDetection(cfg)
@@ -96,7 +97,7 @@ def evaluate_map(model, data: FinetuneData, gt, batch_size, device, dist: Dist, 
     idx = np.arange(len(data.ids))[dist.rank::dist.world]
     for s in range(0, len(idx), batch_size):
         b = idx[s:s + batch_size]
-        x = to_input(data.images[b], IMAGE_MEAN, IMAGE_STD, device)
+        x = to_input(data.images[b], data.mean, data.std, device, data.rescale)
         keep = None if data.keep is None else torch.as_tensor(data.keep[b], device=device)
         out = pruned_forward(model, x, keep, treatment=treatment)
         dets += detections_from_outputs(out.logits, out.pred_boxes, data.ids[b], data.widths[b], data.heights[b])
@@ -108,8 +109,10 @@ def evaluate_map(model, data: FinetuneData, gt, batch_size, device, dist: Dist, 
     return evaluate_detections(gt, dets, data.ids)
 
 
-def _save_hf(model, dest: Path):
-    """save_pretrained into a temp dir beside ``dest``, then swap files in atomically."""
+def _save_hf(model, dest: Path, proto: InputProtocol):
+    """save_pretrained plus the ``preprocessor_config.json`` of the trained input protocol
+    (a complete Hugging Face detector: ``transformers.pipeline`` loads it and resizes as we
+    trained) into a temp dir beside ``dest``, then swap files in atomically."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -117,6 +120,7 @@ def _save_hf(model, dest: Path):
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=dest.parent if dest.parent.exists() else None))
     try:
         model.save_pretrained(tmp)
+        write_processor(tmp, proto.size, proto.mean, proto.std)
         for f in tmp.iterdir():
             os.replace(f, dest / f.name)
     finally:
@@ -134,7 +138,8 @@ class _FinetuneFiles:
     ``metrics.jsonl`` are derived from it and rewritten from it on resume. A fresh run
     creates its files at its first commit, so a failed start leaves nothing behind."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, proto: InputProtocol):
+        self.proto = proto
         self.out, self.options = out, None
 
     def commit(self, model, optim, epoch, best, best_epoch, rows):
@@ -151,8 +156,8 @@ class _FinetuneFiles:
 
     def derive(self, model, rows, epoch, best_epoch):
         if best_epoch == epoch:
-            _save_hf(model, self.out)
-        _save_hf(model, self.out / "last")
+            _save_hf(model, self.out, self.proto)
+        _save_hf(model, self.out / "last", self.proto)
         atomic_write_text(self.out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -168,7 +173,7 @@ def finetune(opts: FinetuneOptions, resume: bool = False, on_step: Callable[[int
             raise InputFileError(out, "cannot resume: not an interrupted bavit finetune run (no completed epoch)")
         try:
             saved = json.loads(f.read_text())["options"]
-            saved["detector_size"] = tuple(saved["detector_size"])
+            saved["detector_size"] = tuple(saved["detector_size"]) if saved.get("detector_size") else None
             given = opts
             opts = FinetuneOptions(**saved)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
@@ -208,9 +213,16 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
         present = present[: opts.max_images]
     if len(present) == 0:
         raise InputFileError(img_dir, "none of the dataset's images is there")
-    model = _build_model(opts, aset, device, out if resume else None)
+    if resume:  # the protocol the run trained at, from the processor file it wrote
+        proto = square_protocol(str(out), tuple(opts.detector_size))
+    elif opts.from_scratch:
+        proto = square_protocol(None, opts.detector_size)
+    model = _build_model(opts, aset, device, out if resume else None, None if resume or not opts.from_scratch
+                         else proto.size)
+    if not resume and not opts.from_scratch:
+        proto = square_protocol(opts.detector, opts.detector_size, model.config.patch_size)
+    opts.detector_size = size = proto.size  # recorded resolved: a resumed run trains at the same size
     label_map = label_map_for(aset, None if opts.from_scratch or aset.kind == "coco" else model.config)
-    size = tuple(opts.detector_size)
     grid = detector_grid(model, size)
     bad = [c for c in label_map.values() if c >= model.config.num_labels]
     if bad:
@@ -233,12 +245,12 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
         train_idx = present
 
     keep_fn = keep_selector(opts, aset, grid, device, opts.labels)
-    train = prepare(aset, train_idx, size, label_map, keep_fn, all_paths)
+    train = prepare(aset, train_idx, proto, label_map, keep_fn, all_paths)
     val = gt = None
     if val_aset is not None:
         vkeep = keep_selector(opts, val_aset, grid, device, opts.val_labels or opts.labels)
         vmap = label_map_for(val_aset, None if opts.from_scratch or val_aset.kind == "coco" else model.config)
-        val = prepare(val_aset, val_idx, size, vmap, vkeep, val_paths)
+        val = prepare(val_aset, val_idx, proto, vmap, vkeep, val_paths)
         gt = coco_ground_truth(val_aset, val.ids, vmap if val_aset.kind == "voc" else None)
 
     n = len(train.ids)
@@ -251,7 +263,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     start_epoch, best, best_epoch, rows = 0, float("-inf"), -1, []  # score may be -loss (no val split)
-    run = _FinetuneFiles(out)
+    run = _FinetuneFiles(out, proto)
     if resume:
         state = _load_state(out / STATE_FILE)
         try:
@@ -270,6 +282,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
         doc = {"bavit_version": __version__, "options": asdict(opts), "train_images": n,
                "val_images": 0 if val is None else len(val.ids), "missing_images": len(missing),
                "train_sparsity": None if train.keep is None else float(1 - train.keep.mean()),
+               "input_protocol": proto.as_dict(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         run.options = lambda: atomic_write_text(out / OPTIONS_FILE, json.dumps(doc, indent=2, default=str))
     if dist.enabled:  # same starting weights everywhere

@@ -25,7 +25,7 @@ class FinetuneOptions:
     num_detection_tokens: int | None = None
     init_encoder: str | None = None  # with from_scratch: a BAViT run whose layers start the encoder
     dense_aux: float = 0.0  # weight of the per-token auxiliary loss (dense_aux.py); 0 = off
-    detector_size: tuple = (512, 512)
+    detector_size: tuple | None = None  # None: square_protocol's default (the init detector's own, else 512)
     selector: str = "none"
     labels: str | None = None
     model: str | None = None
@@ -107,7 +107,8 @@ class FinetuneOptions:
             raise OptionError(f"unknown --resample {self.resample!r}; choose nearest or any")
         if self.dataset not in ("coco", "voc"):
             raise OptionError(f"unknown --dataset {self.dataset!r}; choose coco or voc")
-        h, w = self.detector_size
-        if not (0 < h <= 16384 and 0 < w <= 16384):
-            raise OptionError(f"--detector-size must be positive, got {h}x{w}")
+        if self.detector_size is not None:
+            h, w = self.detector_size
+            if not (0 < h <= 16384 and 0 < w <= 16384):
+                raise OptionError(f"--detector-size must be positive, got {h}x{w}")
         check_device_name(self.device)

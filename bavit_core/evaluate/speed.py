@@ -51,7 +51,7 @@ def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tic
     warm["dense"] = lambda: _dense(det, xs[:1], ac)
     if bavit is not None and any(r.selector == "bavit" for r in rows):
         xbs = [to_input(bav_u8[s:s + bs], bavit.cfg.mean, bavit.cfg.std, device) for s in range(0, n_t, bs)]
-        if dtype != torch.float32:
+        if ac["enabled"]:  # CUDA autocast; on CPU BAViT runs in fp32, as in the selection stage
             xbs = [xb.to(dtype) for xb in xbs]
         fns["bavit"] = lambda: _bavit(bavit, xbs, ac)
         warm["bavit"] = lambda: _bavit(bavit, xbs[:1], ac)

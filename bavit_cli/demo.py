@@ -15,7 +15,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Smaller settings (about 40 s on 2 idle CPU cores)."),
     train_detector: bool = typer.Option(False, "--train-detector", help="Train the detector from scratch instead of using the shipped one (long)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated dataset and of training."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (Apple GPUs)."),
 ) -> None:
     """Run synth → label → train → predict → postprocess → prune-eval → report on generated data.
 

@@ -45,7 +45,7 @@ def finetune(
     clip_grad: float = typer.Option(0.1, "--clip-grad", help="Gradient norm clipping (0 = off)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N training images."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (Apple GPUs)."),
     out: Path = typer.Option(Path("detectors/yolos-F"), "--out", help="Output directory (HF layout)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused otherwise)."),

@@ -16,7 +16,7 @@ def predict(
     images: Optional[Path] = typer.Option(None, "--images", help="Image directory (or a plain folder without --labels)."),
     threshold: float = typer.Option(0.5, "--threshold", help="A token is BG when its BG probability >= this."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (Apple GPUs)."),
     out: Path = typer.Option(Path("preds.parquet"), "--out", help="Output parquet."),
 ) -> None:
     """Predict per-token FG probabilities with a trained BAViT.

@@ -38,7 +38,7 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     workers: int = typer.Option(0, "--workers", help="Image decoding threads [default: up to 4]."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (Apple GPUs)."),
     out: Path = typer.Option(Path("runs/bavit"), "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused otherwise)."),

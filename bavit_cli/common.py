@@ -280,3 +280,15 @@ def kv_table(title: str, rows: list[tuple[str, object]]) -> Table:
 def print_table(table: Table) -> None:
     console.print(table)
 
+
+
+def renamed(old: str, new: str, old_value, new_value, default):
+    """An option's old spelling (hidden in --help): it works for one release and says so in
+    one line on stderr; given together with the new spelling it is an error."""
+    if old_value is None or old_value == []:
+        return new_value
+    if new_value != default:
+        raise BavitError(f"{old} is the old name of {new}: give one of them")
+    err_console.print(f"Note: {old} is deprecated and will be removed in the next release; use {new}.",
+                      highlight=False, markup=False, soft_wrap=True)
+    return old_value

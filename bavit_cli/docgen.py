@@ -23,7 +23,9 @@ def _help(cmd: click.Command, name: str, parent: click.Context | None = None) ->
 def render() -> str:
     root = typer.main.get_command(app)
     root_ctx = click.Context(root, info_name="bavit", terminal_width=100, max_content_width=100)
-    parts = [HEADER, "## bavit\n", "```text\n" + root.get_help(root_ctx) + "\n```\n"]
+    from .vocabulary import render as vocabulary
+
+    parts = [HEADER, vocabulary(), "## bavit\n", "```text\n" + root.get_help(root_ctx) + "\n```\n"]
     for name in COMMANDS:
         cmd = root.get_command(root_ctx, name)
         parts.append(f"## bavit {name}\n")

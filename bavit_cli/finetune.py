@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import cli_command, console, progress_bar, resumable_run
+from .common import cli_command, console, err_console, progress_bar, resumable_run
 
 
 @cli_command
@@ -33,6 +33,7 @@ def finetune(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels parquet of the training images (oracle)."),
     model: Optional[Path] = typer.Option(None, "--model", help="BAViT run (bavit selector)."),
     threshold: float = typer.Option(0.5, "--threshold", help="BAViT: a token is pruned when its BG probability >= this."),
+    resample: str = typer.Option("nearest", "--resample", help="How the token grid (GT labels or BAViT's) is brought to the detector grid: nearest, or any (a detector token is kept when any grid cell it covers is kept)."),
     pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="What happens to pruned tokens in training and "
                                       "validation: drop (the paper), pool (one mean token) or preserve (frozen keys/values)."),
     detector_size: Optional[str] = typer.Option(None, "--detector-size", help="Square training size, N or HxW, written to the detector's preprocessor_config.json [default: the --detector's own square size, else its processor's shortest edge (hustvl/yolos-tiny: 512), else 512]."),
@@ -41,7 +42,12 @@ def finetune(
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),
     warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warm-up length in epochs."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine or step."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine, or step (LR times --gamma every --step-size epochs)."),
+    step_size: int = typer.Option(20, "--step-size", help="--schedule step: epochs between LR drops."),
+    gamma: float = typer.Option(0.1, "--gamma", help="--schedule step: LR factor per drop."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips (boxes and kept tokens flipped too)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
+    select: str = typer.Option("last", "--select", help="The run's detector: last (the last epoch's weights) or best (the epoch with the best validation mAP; chosen on the split it is scored on, so that score is optimistic). last/ always holds the last."),
     clip_grad: float = typer.Option(0.1, "--clip-grad", help="Gradient norm clipping (0 = off)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N training images."),
@@ -49,6 +55,7 @@ def finetune(
     out: Path = typer.Option(Path("detectors/yolos-F"), "--out", help="Output directory (HF layout)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused otherwise)."),
+    force: bool = typer.Option(False, "--force", help="With --resume: continue even though the dataset or labels files changed."),
 ) -> None:
     """Train YOLOS on FG tokens only (sparse fine-tuning), or a small YOLOS from scratch.
 
@@ -70,7 +77,8 @@ def finetune(
         labels=str(labels) if labels else None, model=str(model) if model else None, threshold=threshold,
         pruned_tokens=pruned_tokens,
         epochs=epochs if epochs is not None or resume else FinetuneOptions.epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        schedule=schedule, clip_grad=clip_grad, seed=seed, max_images=max_images, device=device, out=str(out),
+        schedule=schedule, step_size=step_size, gamma=gamma, flip=flip, amp=amp, resample=resample, select=select,
+        clip_grad=clip_grad, seed=seed, max_images=max_images, device=device, out=str(out),
     )
     main = os.environ.get("RANK", "0") == "0"
 
@@ -79,13 +87,23 @@ def finetune(
             v = f"  val mAP {row['val_map']:.4f}  AP50 {row['val_map50']:.4f}" if "val_map" in row else ""
             console.print(f"epoch {row['epoch'] + 1:>3}  loss {row['train_loss']:.4f} (ce {row['train_loss_ce']:.3f} "
                           f"L1 {row['train_loss_bbox']:.3f} giou {row['train_loss_giou']:.3f}){v}  "
-                          f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}", highlight=False)
+                          f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') and v else ''}", highlight=False)
 
     with resumable_run("finetune", out, main) as on_resume, \
             progress_bar("finetune", unit="steps", epochs=opts.epochs) as step:
         r = run_finetune(opts, resume=resume, on_step=step if main else None, on_epoch=on_epoch,
-                         overwrite=overwrite, on_resume=on_resume)
+                         overwrite=overwrite, on_resume=on_resume, force=force)
     if main:
+        if r.get("skipped"):
+            err_console.print(f"Note: {r['skipped']} (trained and validated without them)", highlight=False,
+                              markup=False, soft_wrap=True)
         sp = "" if r["train_sparsity"] is None else f", training sparsity {r['train_sparsity']:.3f}"
         console.print(f"Trained {r['epochs']} epochs on {r['train_images']} images ({r['val_images']} val){sp}. "
-                      f"Best detector in {r['out']} (last in {r['out']}/last).", highlight=False)
+                      f"{_chosen(r)} in {r['out']} (last epoch's in {r['out']}/last).", highlight=False)
+
+
+def _chosen(r: dict) -> str:
+    if r["select"] == "last":
+        return "Detector: the last epoch's"
+    return (f"Detector: epoch {r['selected_epoch'] + 1}'s, the best validation score ({r['score']:.4f}, chosen on "
+            "the split it is scored on: optimistic)")

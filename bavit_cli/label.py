@@ -27,7 +27,7 @@ def label(
     void: str = typer.Option("bg", "--void", help="VOC void (255) pixels: bg, fg or ignore (left out of the count)."),
     voc_mask: str = typer.Option("object", "--voc-mask", help="VOC masks from SegmentationObject (object) or SegmentationClass (class)."),
     check_images: bool = typer.Option(True, "--check-images/--no-check-images", help="Skip images whose file is missing."),
-    workers: int = typer.Option(1, "--workers", help="Processes for the mask path."),
+    workers: int = typer.Option(1, "--workers", help="Parallel workers (processes) for the mask path; 0 = automatic (one per usable core, up to 4)."),
     out: Path = typer.Option(Path("labels.parquet"), "--out", help="Output parquet."),
 ) -> None:
     """Label every patch of every image FG or BG from boxes or masks.
@@ -46,8 +46,12 @@ def label(
     opts = LabelOptions(source=source, criterion=criterion, tau=tau, mask_threshold=mask_threshold,
                         grid=GridSpec(ih, iw, patch_size), crowd=crowd, difficult=difficult, void=void)
     opts.validate()
-    if workers < 1:
-        raise OptionError(f"--workers must be at least 1, got {workers}")
+    if workers < 0:
+        raise OptionError(f"--workers must be >= 0 (0 = automatic), got {workers}")
+    if workers == 0:
+        from bavit_core.runtime.workers import usable_cores
+
+        workers = min(4, usable_cores())
     if voc_mask not in ("object", "class"):
         raise OptionError(f"unknown --voc-mask {voc_mask!r}; choose object or class")
     refuse_output_over_inputs(out, [ann, images, root])

@@ -7,7 +7,9 @@ import typer
 
 from bavit_core import __version__
 
+from . import bench as _bench
 from . import demo as _demo
+from . import detect as _detect
 from . import export as _export
 from . import finetune as _finetune
 from . import label as _label
@@ -56,6 +58,8 @@ COMMANDS = {
     "finetune": _finetune.finetune,
     "report": _report.report,
     "export": _export.export,
+    "bench": _bench.bench,
+    "detect": _detect.detect,
     "demo": _demo.demo,
 }
 for _name, _fn in COMMANDS.items():

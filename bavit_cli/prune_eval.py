@@ -44,18 +44,22 @@ def prune_eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (Apple GPUs)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random selector and of tie-breaking."),
     out: Path = typer.Option(Path("results"), "--out", help="Results directory."),
-    runtime: str = typer.Option("torch", "--runtime", help="torch, or onnx: BAViT and the detector run from --exported graphs in ONNX Runtime (no timing columns; see bench_onnx.py)."),
+    runtime: str = typer.Option("torch", "--runtime", help="torch, or onnx: BAViT and the detector run from --exported graphs in ONNX Runtime (no timing columns; time the graphs with bavit bench --runtime onnx)."),
     exported: Optional[Path] = typer.Option(None, "--exported", help="Directory from bavit export (with --runtime onnx)."),
+    latency_budget: Optional[float] = typer.Option(None, "--latency-budget", help="ms per image: add the target sparsity whose measured end-to-end latency in --speed meets it (the lowest such; the only target without --sparsities)."),
+    speed: Optional[Path] = typer.Option(None, "--speed", help="Directory from bavit bench (with --latency-budget): its curve at this run's runtime, dtype, batch size and first --pruned-tokens."),
 ) -> None:
     """Evaluate YOLOS on FG tokens only: mAP, tokens and speed per selector and operating point.
 
     \b
     Example:
         bavit prune-eval --model runs/bavit-small --detector hustvl/yolos-tiny --root coco --split val2017 --labels val.parquet --sparsities 0:0.9:0.1 --out results/
+    Meet a latency budget measured by bavit bench: add --latency-budget 120 --speed speed/.
     Table 2's protocol (every image 512x512, 1 024 tokens): add --detector-size 512.
     Scale out:  torchrun --nproc_per_node 4 -m bavit_cli prune-eval ... (images sharded, rank 0 writes)
     """
     from bavit_core.data.grid import parse_size
+    from bavit_core.evaluate.options import apply_latency_budget
     from bavit_core.evaluate.sweep import STAGES, PruneEvalOptions, parse_sparsities, parse_thresholds, prune_eval
     from bavit_core.runtime.launch import is_main_process
 
@@ -72,13 +76,19 @@ def prune_eval_cmd(
         runtime=runtime, exported=str(exported) if exported else None,
         pruned_tokens=[s.strip() for s in pruned_tokens.split(",") if s.strip()],
         treatments_for=[s.strip() for s in treatments_for.split(",") if s.strip()] if treatments_for else None,
+        latency_budget_ms=latency_budget, speed=str(speed) if speed else None,
     )
+    budget = apply_latency_budget(opts)  # resolved and told before the long run
+    if budget is not None and is_main_process():
+        err_console.print(budget_line(budget), highlight=False, soft_wrap=True)
     n_stages = len(STAGES) - (0 if model else 1)
     with progress_bar("prune-eval", stages=n_stages) as progress:
         r = prune_eval(opts, progress, on_stage=lambda s: progress.stage(s, UNITS.get(s)))
     if not is_main_process():  # under torchrun rank 0 reports
         return
     print_table(summary_table(r, batch_size))
+    if r.get("skipped"):
+        err_console.print(f"Note: {r['skipped']} (scored without them)", highlight=False, markup=False, soft_wrap=True)
     if r["timing_noisy"]:
         err_console.print(timing_warning(r), highlight=False, soft_wrap=True)
     console.print(f"Wrote {r['out']}/results.csv, detections/ and meta.json")
@@ -106,6 +116,12 @@ def summary_table(r: dict, batch_size: int) -> Table:
         t.add_row(sel, point, _f(row["sparsity"]), _f(row["map"]), _f(row["map50"]),
                   _f(row["token_reduction_pct"], 1) + "%", ms, _f(row["speedup"], 2) + "x" + noisy)
     return t
+
+
+def budget_line(b: dict) -> str:
+    what = "end to end" if b["end_to_end"] else "detector alone"
+    return (f"Latency budget {b['budget_ms']:g} ms/image → target sparsity {b['sparsity']:.2f} "
+            f"({_f(b['curve_latency_ms'], 1)} ms/image {what} on bench's curve {b['curve']}, {b['device']})")
 
 
 def timing_warning(r: dict) -> str:

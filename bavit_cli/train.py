@@ -21,7 +21,7 @@ def train(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Training labels parquet (from bavit label)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image directory [default: the one recorded in the labels]."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Validation labels parquet."),
-    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Validation image directory."),
+    val_images: Optional[Path] = typer.Option(None, "--val-images", help="Validation image directory [default: the one recorded in --val-labels; never --images]."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Hold out this share of --labels when no --val-labels."),
     label_threshold: Optional[float] = typer.Option(None, "--label-threshold", help="Re-threshold label scores."),
     depth: int = typer.Option(2, "--depth", help="Transformer blocks: 2 = BAViT-small, 10 = BAViT-large."),
@@ -36,9 +36,10 @@ def train(
     clip_grad: float = typer.Option(1.0, "--clip-grad", help="Gradient norm clipping (0 = off)."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips (label grid flipped too)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    workers: int = typer.Option(0, "--workers", help="Image decoding threads [default: up to 4]."),
+    workers: int = typer.Option(0, "--workers", help="Parallel workers (threads) decoding images; 0 = automatic (one per usable core, up to 4)."),
     amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (Apple GPUs)."),
+    select: str = typer.Option("last", "--select", help="The run's model.safetensors: last (the last epoch's weights) or best (the epoch with the best validation accuracy; chosen on the split it is scored on, so that score is optimistic). last.safetensors always holds the last."),
     out: Path = typer.Option(Path("runs/bavit"), "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused otherwise)."),
@@ -61,7 +62,7 @@ def train(
         val_fraction=val_fraction, label_threshold=label_threshold, depth=depth, pretrained=pretrained,
         epochs=epochs if epochs is not None or resume else TrainOptions.epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, step_size=step_size, gamma=gamma, fg_weight=fg_weight, clip_grad=clip_grad,
-        flip=flip, seed=seed, workers=workers, amp=amp, device=device, out=str(out),
+        flip=flip, seed=seed, workers=workers, amp=amp, device=device, select=select, out=str(out),
     )
     main = _is_main()
     table = Table(title=f"bavit train → {out}", title_justify="left")
@@ -75,7 +76,7 @@ def train(
         console.print(
             f"epoch {row['epoch'] + 1:>3}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}  "
             f"val loss {v('val_loss')}  val acc {v('val_accuracy')}  val FG recall {v('val_recall')}  "
-            f"val IoU {v('val_iou')}  {row['images_per_s']:.1f} img/s{'  *best' if row.get('best') else ''}",
+            f"val IoU {v('val_iou')}  {row['images_per_s']:.1f} img/s{'  *best' if row.get('best') and 'val_accuracy' in row else ''}",
             highlight=False)
 
     with resumable_run("train", out, main) as on_resume, \
@@ -84,7 +85,16 @@ def train(
                               on_stage=lambda s: err_console.print(s) if main and err_console.is_terminal else None,
                               overwrite=overwrite, force=force, on_resume=on_resume)
     if main:
-        init = f"pretrained from {summary['pretrained']}" if summary["pretrained"] else "random init (no --pretrained)"
+        init = (f"pretrained from {summary['pretrained']} (input mean/std: {summary['normalisation']})"
+                if summary["pretrained"] else "random init (no --pretrained)")
         console.print(f"Trained {summary['epochs']} epochs on {summary['train_images']} images "
                       f"({summary['val_images']} val), {init}, {summary['world_size']} process(es). "
-                      f"Best score {summary['best_score']:.4f}. Run: {summary['out']}", highlight=False)
+                      f"{_chosen(summary)}. Run: {summary['out']}", highlight=False)
+
+
+def _chosen(s: dict) -> str:
+    what = "val accuracy" if s["val_images"] else "train accuracy"
+    if s["select"] == "last":
+        return f"Model: the last epoch's, {what} {s['score']:.4f}"
+    return (f"Model: epoch {s['selected_epoch'] + 1}'s, the best {what} ({s['score']:.4f}, chosen on the split it is "
+            "scored on: optimistic)")

@@ -42,6 +42,10 @@ _EXPORTS = {
     "export_onnx": "export.onnx_export",
     "ReportInputs": "report.build",
     "build_report": "report.build",
+    "PrunedDetector": "detect.predictor",
+    "DetectOptions": "detect.run",
+    "detect_images": "detect.run",
+    "read_detections": "detect.outputs",
     "DemoOptions": "demo",
     "run_demo": "demo",
 }

@@ -2,7 +2,7 @@
 # Sparse fine-tuning on generated data: dense / pruned / pruned + fine-tuned mAP at one
 # BAViT threshold. Needs a demo run (for BAViT-small and the val split) and a detector.
 #   DEMO=demo DET=bavit_core/assets/demo_detector DATA=detdata THR=0.5 EPOCHS=3 bash examples/sparse_finetune_results.sh
-# DATA is the detector's generated training set (bavit synth --out detdata --images 8200
+# DATA is the detector's generated training set (bavit synth --out detdata --num-images 8200
 # --val-fraction 0.0244 --seed 1 --scenes simple), disjoint from the demo's seed-0 images.
 # SIZE is the detector input size (the shipped demo detector's: 128).
 set -euo pipefail

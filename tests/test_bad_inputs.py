@@ -124,7 +124,7 @@ DATA_LOSS = {
     "train --out the folder holding its labels": (lambda e, t: ["train", "--labels", e["val"], "--out", e["d"]], "val"),
     "train --out the image folder": (lambda e, t: ["train", "--labels", e["val"], "--images", e["imgs"], "--out", e["imgs"]], "imgs"),
     "report --results R --out R": (lambda e, t: ["report", "--results", e["results"], "--out", e["results"]], "results"),
-    "report --train-run R --out R": (lambda e, t: ["report", "--train-run", e["run"], "--out", e["run"]], "run"),
+    "report --model R --out R": (lambda e, t: ["report", "--model", e["run"], "--out", e["run"]], "run"),
     "report --out the folder holding --pred": (lambda e, t: ["report", "--pred", e["preds"], "--out", e["d"]], "preds"),
     "prune-eval --out the folder holding --labels": (
         lambda e, t: ["prune-eval", "--detector", str(t / "d"), "--ann", e["ann"], "--images", e["imgs"], "--labels", e["labels"],
@@ -183,7 +183,7 @@ ANN_SKIPPED = {
     "category_id null": ([_ann(category_id=None)], "annotation with non-integer category_id"),
     "category_id a list": ([_ann(category_id=[1])], "annotation with non-integer category_id"),
     "category_id a float": ([_ann(category_id=1.5)], "annotation with non-integer category_id"),
-    "category_id 2**80": ([_ann(category_id=2**80)], "annotation with non-integer category_id"),
+    "category_id 2**80": ([_ann(category_id=2**80)], "annotation with category_id outside [0, 100000]"),
     "iscrowd a string": ([_ann(iscrowd="1")], "annotation with iscrowd not 0 or 1"),
     "iscrowd 2": ([_ann(iscrowd=2)], "annotation with iscrowd not 0 or 1"),
     "bbox strings": ([_ann(bbox=["4", "4", "30", "20"])], "annotation malformed"),
@@ -355,9 +355,9 @@ OUTPUT_PATHS = {
                                                            _file_in_the_way(t).parent], "refusing to replace it"),
     "report --out under a file": (lambda e, t: ["report", "--results", e["results"], "--out",
                                                 _file_in_the_way(t) / "rep"], "cannot create output directory"),
-    "synth --out an existing file": (lambda e, t: ["synth", "--out", _file_in_the_way(t), "--images", "2"],
+    "synth --out an existing file": (lambda e, t: ["synth", "--out", _file_in_the_way(t), "--num-images", "2"],
                                      "is a file, expected a directory path"),
-    "synth --out a folder of other files": (lambda e, t: ["synth", "--out", _file_in_the_way(t).parent, "--images", "2"],
+    "synth --out a folder of other files": (lambda e, t: ["synth", "--out", _file_in_the_way(t).parent, "--num-images", "2"],
                                             "refusing to replace it"),
     "finetune --out an existing file": (lambda e, t: ["finetune", "--from-scratch", "--ann", e["ann"], "--images", e["imgs"],
                                                       "--out", _file_in_the_way(t)], "is a file, expected a run directory path"),
@@ -400,7 +400,7 @@ def test_class4_a_failed_report_leaves_no_partial_report_and_keeps_the_old_one(e
     import bavit_core.report.build as B
 
     rep = tmp_path / "rep"
-    code, _, err = run_cli("report", "--train-run", env["run"], "--out", rep)
+    code, _, err = run_cli("report", "--model", env["run"], "--out", rep)
     assert code == 0, err
     before = _digest(rep)
 
@@ -408,7 +408,7 @@ def test_class4_a_failed_report_leaves_no_partial_report_and_keeps_the_old_one(e
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(B, "_write_index", boom)
-    code, out, err = run_cli("report", "--train-run", env["run"], "--out", rep)
+    code, out, err = run_cli("report", "--model", env["run"], "--out", rep)
     assert_clean_error(code, out, err, "no space left on the device")
     assert _digest(rep) == before
     no_temp_files(tmp_path)
@@ -426,7 +426,7 @@ def test_class4_a_failed_synth_leaves_no_partial_dataset(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(S, "generate_image", gen)
-    code, out, err = run_cli("synth", "--out", tmp_path / "ds", "--images", "4", "--size", "32")
+    code, out, err = run_cli("synth", "--out", tmp_path / "ds", "--num-images", "4", "--image-size", "32")
     assert_clean_error(code, out, err, "no space left on the device")
     assert list(tmp_path.iterdir()) == []
 
@@ -641,7 +641,7 @@ REPORT_DAMAGE = {
     "meta.json unreadable": (lambda e, t: _results(t, _results_csv(), meta="{x"), "meta.json"),
     "metrics.jsonl unreadable": (lambda e, t: _run_metrics(e, t, "{not json\n"), "metrics.jsonl"),
     "metrics.jsonl rows not objects": (lambda e, t: _run_metrics(e, t, "[1]\n"), "metrics.jsonl"),
-    "a detector run as --train-run": (lambda e, t: _detector_run(t), "not a BAViT run from bavit train"),
+    "a detector run as --model": (lambda e, t: _detector_run(t), "not a BAViT run from bavit train"),
 }
 
 
@@ -658,7 +658,7 @@ def _run_metrics(e, t, text):
     r = t / "run"
     shutil.copytree(e["run"], r)
     (r / "metrics.jsonl").write_text(text)
-    return ["--train-run", r]
+    return ["--model", r]
 
 
 REPORT_TOLERATED = {
@@ -693,7 +693,7 @@ def _detector_run(t):
     r.mkdir()
     (r / "config.json").write_text(json.dumps({"model_type": "yolos", "hidden_size": 192}))
     (r / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_loss": 1.5, "val_map": 0.1}) + "\n")
-    return ["--train-run", r]
+    return ["--model", r]
 
 
 @pytest.mark.parametrize("how", list(REPORT_DAMAGE))
@@ -806,7 +806,7 @@ def _pe_opts(*o):
 
 
 def _report_opts(*o):
-    return lambda e, t: ["report", "--train-run", e["run"], *o, "--out", t / "out"]
+    return lambda e, t: ["report", "--model", e["run"], *o, "--out", t / "out"]
 
 
 OPTIONS = {
@@ -821,8 +821,7 @@ OPTIONS = {
     "label --difficult x": (_label_opts("--difficult", "x"), "--difficult must be include or exclude"),
     "label --void purple (COCO)": (_label_opts("--void", "purple"), "unknown --void 'purple'"),
     "label --voc-mask x": (_label_opts("--voc-mask", "x"), "unknown --voc-mask"),
-    "label --workers 0": (_label_opts("--workers", "0"), "--workers must be at least 1"),
-    "label --workers -3": (_label_opts("--workers", "-3"), "--workers must be at least 1"),
+    "label --workers -3": (_label_opts("--workers", "-3"), "--workers must be >= 0 (0 = automatic), got -3"),
     "label --input-size 0": (_label_opts("--input-size", "0"), "must be positive"),
     "label --input-size -32": (_label_opts("--input-size", "-32"), "must be positive"),
     "label --input-size abc": (_label_opts("--input-size", "abc"), "cannot read size"),
@@ -862,7 +861,7 @@ OPTIONS = {
     "predict --threshold nan": (_predict_opts("--threshold", "nan"), "--threshold must be in [0, 1]"),
     "predict --device tpu": (_predict_opts("--device", "tpu"), "unknown --device 'tpu'"),
     "predict --device gpu0": (_predict_opts("--device", "gpu0"), "unknown --device 'gpu0'"),
-    "postprocess --steps -2": (_post_opts("--steps", "-2"), "--steps must be >= 0"),
+    "postprocess --postprocess-steps -2": (_post_opts("--postprocess-steps", "-2"), "--postprocess-steps must be >= 0"),
     "postprocess --min-fg -1": (_post_opts("--min-fg", "-1"), "--min-fg must be in [0, 7]"),
     "postprocess --min-fg 9": (_post_opts("--min-fg", "9"), "--min-fg must be in [0, 7]"),
     "postprocess --kernel 4 --min-fg 4": (_post_opts("--kernel", "4", "--min-fg", "4"), "--min-fg must be in [0, 3]"),
@@ -884,9 +883,9 @@ OPTIONS = {
     "finetune --schedule linear": (_ft_opts("--schedule", "linear"), "--schedule must be cosine or step"),
     "finetune --dataset kitti": (_ft_opts("--dataset", "kitti"), "unknown --dataset"),
     "finetune --resume --overwrite": (_ft_opts("--resume", "--overwrite"), "contradict each other"),
-    "synth --images 0": (_synth_opts("--images", "0"), "--images must be at least 1"),
-    "synth --size 0": (_synth_opts("--size", "0"), "must be positive"),
-    "synth --size 16": (_synth_opts("--size", "16"), "too small"),
+    "synth --num-images 0": (_synth_opts("--num-images", "0"), "--num-images must be at least 1"),
+    "synth --image-size 0": (_synth_opts("--image-size", "0"), "must be positive"),
+    "synth --image-size 16": (_synth_opts("--image-size", "16"), "too small"),
     "synth --format yolo": (_synth_opts("--format", "yolo"), "unknown format"),
     "synth --val-fraction 1": (_synth_opts("--val-fraction", "1"), "--val-fraction must be in [0, 1)"),
     "synth --scenes busy": (_synth_opts("--scenes", "busy"), "unknown --scenes"),
@@ -961,7 +960,7 @@ def test_class8_ctrl_c_in_predict_leaves_nothing_and_says_so(env, tmp_path, monk
 def test_class10_report_escapes_folder_names_in_html_attributes(env, tmp_path):
     evil = tmp_path / "x' onerror='alert(1)"
     shutil.copytree(env["run"], evil)
-    code, _, err = run_cli("report", "--train-run", evil, "--out", tmp_path / "rep")
+    code, _, err = run_cli("report", "--model", evil, "--out", tmp_path / "rep")
     assert code == 0, err
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "onerror='alert" not in page
@@ -973,7 +972,7 @@ def test_class10_outputs_respect_the_umask(env, tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         code, _, err = run_cli("label", "--ann", env["ann"], "--images", env["imgs"], "--out", tmp_path / "l.parquet")
-        code2, _, err2 = run_cli("report", "--train-run", env["run"], "--out", tmp_path / "rep")
+        code2, _, err2 = run_cli("report", "--model", env["run"], "--out", tmp_path / "rep")
     finally:
         os.umask(old)
     assert code == 0 and code2 == 0, err + err2
@@ -983,8 +982,20 @@ def test_class10_outputs_respect_the_umask(env, tmp_path, umask, mode):
 
 
 def test_class10_torch_floor_is_past_the_weights_only_bypass():
-    text = (ROOT / "pyproject.toml").read_text()
-    assert '"torch>2.5.1"' in text  # CVE-2025-32434: torch.load(weights_only=True) bypass up to 2.5.1
+    """CVE-2025-32434: torch.load(weights_only=True) can be bypassed up to 2.5.1. The torch
+    requirement, parsed as pip reads it, refuses every release up to 2.5.1 and accepts the
+    first fixed one and the torch installed here."""
+    import tomllib
+
+    import torch
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    spec = next(r.specifier for r in deps if r.name == "torch")
+    for bad in ("2.5.1", "2.5.0", "2.4.1", "1.13.1", "2.5.1+cpu"):
+        assert not spec.contains(bad, prereleases=True), bad
+    assert spec.contains("2.6.0") and spec.contains(Version(torch.__version__).base_version)
 
 
 # --------------------------------------------------------------------------- class 11: noise
@@ -1020,8 +1031,249 @@ def test_class11_help_label_postprocess_report_do_not_import_torch(env, tmp_path
     for args in (["--help"], ["label", "--ann", str(env["ann"]), "--images", str(env["imgs"]),
                               "--out", str(tmp_path / "l.parquet")],
                  ["postprocess", "--pred", str(env["preds"]), "--out", str(tmp_path / "r.parquet")],
-                 ["report", "--results", str(env["results"]), "--train-run", str(env["run"]),
+                 ["report", "--results", str(env["results"]), "--model", str(env["run"]),
                   "--pred", str(env["preds"]), "--out", str(tmp_path / "rep")]):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=envv, timeout=120)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["False", "False"], args
+
+
+# --------------------------------------------------------------------------- round two (#21)
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A directory nothing can be written to. Mode bits do not stop root (CI runs as root),
+    so there the kernel's answer is stood in for: ``access(W_OK)`` says no for it, as on a
+    read-only mount. The directory really is writable then, so a command that does not
+    check before working writes into it and the test sees that."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    real = os.access
+
+    def access(path, mode, **kw):
+        if mode & os.W_OK and Path(path).resolve() == d.resolve():
+            return False
+        return real(path, mode, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    yield d
+
+
+READ_ONLY = {
+    "synth": lambda e, o: ["synth", "--num-images", "2", "--image-size", "32", "--out", o],
+    "label": lambda e, o: ["label", "--ann", e["ann"], "--images", e["imgs"], "--out", o],
+    "train": lambda e, o: ["train", "--labels", e["val"], "--depth", "1", "--epochs", "1", "--out", o],
+    "predict": lambda e, o: ["predict", "--model", e["run"], "--labels", e["val"], "--out", o],
+    "postprocess": lambda e, o: ["postprocess", "--pred", e["preds"], "--out", o],
+    "prune-eval": lambda e, o: ["prune-eval", "--detector", e["d"] / "no-detector", "--ann", e["ann"], "--images",
+                                e["imgs"], "--out", o],
+    "finetune": lambda e, o: ["finetune", "--from-scratch", "--ann", e["ann"], "--images", e["imgs"], "--epochs", "1",
+                              "--out", o],
+    "report": lambda e, o: ["report", "--model", e["run"], "--out", o],
+    "demo": lambda e, o: ["demo", "--quick", "--out", o],
+}
+
+
+@pytest.mark.parametrize("cmd", list(READ_ONLY))
+def test_round2_a_read_only_output_folder_is_refused_before_any_work(env, read_only, cmd):
+    """train used to train every epoch and then die in a traceback at its first save."""
+    out = read_only / "out"
+    code, stdout, err = run_cli(*READ_ONLY[cmd](env, out))
+    assert_clean_error(code, stdout, err, f"Error: {out}: cannot write the output here (permission denied)")
+    assert list(read_only.iterdir()) == []
+
+
+def test_round2_a_read_only_folder_deeper_up_is_named(env, read_only):
+    out = read_only / "a" / "b" / "run"
+    code, stdout, err = run_cli("train", "--labels", env["val"], "--depth", "1", "--out", out)
+    assert_clean_error(code, stdout, err, f"cannot write the output here (permission denied in {read_only})")
+    assert list(read_only.iterdir()) == []
+
+
+NO_DEVICE = {
+    "train": lambda e, t, d: ["train", "--labels", e["val"], "--depth", "1", "--device", d, "--out", t / "out"],
+    "predict": lambda e, t, d: ["predict", "--model", e["run"], "--labels", e["val"], "--device", d, "--out", t / "p.parquet"],
+    "finetune": lambda e, t, d: ["finetune", "--from-scratch", "--ann", e["ann"], "--images", e["imgs"], "--device", d,
+                                 "--out", t / "out"],
+    "prune-eval": lambda e, t, d: ["prune-eval", "--detector", e["d"] / "no-detector", "--ann", e["ann"], "--images",
+                                   e["imgs"], "--device", d, "--out", t / "out"],
+    "demo": lambda e, t, d: ["demo", "--quick", "--device", d, "--out", t / "out"],
+}
+
+
+@pytest.mark.parametrize("cmd", list(NO_DEVICE))
+def test_round2_a_device_this_machine_lacks_is_refused_before_anything_is_written(env, tmp_path, cmd):
+    """demo --device cuda used to generate its 120-image dataset before refusing."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = run_cli(*NO_DEVICE[cmd](env, tmp_path, "cuda"))
+    assert_clean_error(code, out, err, "Error: --device cuda asked for, but CUDA is not available")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_round2_mps_off_apple_gpus_is_refused_before_any_work(env, tmp_path):
+    import torch
+
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    code, out, err = run_cli(*NO_DEVICE["demo"](env, tmp_path, "mps"))
+    assert_clean_error(code, out, err, "Error: --device mps asked for, but MPS is not available")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _run_with_config(e, t, section, **over):
+    r = t / "run"
+    shutil.copytree(e["run"], r)
+    doc = json.loads((r / "config.json").read_text())
+    doc[section].update(over)
+    (r / "config.json").write_text(json.dumps(doc))
+    return r
+
+
+RUN_CONFIG_TYPES = {
+    "sizes strings": (dict(input_h="32", input_w="32"), "'model.input_h' is '32' (a string), expected an integer"),
+    "depth a float": (dict(depth=1.5), "'model.depth' is 1.5 (a number), expected an integer"),
+    "depth true": (dict(depth=True), "'model.depth' is True (a boolean), expected an integer"),
+    "mean a string": (dict(mean="imagenet"), "'model.mean' is 'imagenet' (a string), expected a list"),
+    "patch null": (dict(patch=None), "'model.patch' is None (null), expected an integer"),
+    "mlp_ratio a string": (dict(mlp_ratio="4"), "'model.mlp_ratio' is '4' (a string), expected a number"),
+    "input_h a billion": (dict(input_h=10**9), "input size 1000000000x32 is more than 16384 pixels per side"),
+    "depth a million": (dict(depth=10**6), "--depth must be in [1, 64]"),
+    "embed_dim a million": (dict(embed_dim=10**6, num_heads=1), "must be in [1, 4096]"),
+    "std two numbers": (dict(std=[0.2, 0.2]), "std must be 3 numbers"),
+}
+
+
+@pytest.mark.parametrize("how", list(RUN_CONFIG_TYPES))
+def test_round2_wrong_types_in_a_run_config_name_the_file_and_key(env, tmp_path, how):
+    over, expect = RUN_CONFIG_TYPES[how]
+    r = _run_with_config(env, tmp_path, "model", **over)
+    out = tmp_path / "p.parquet"
+    code, stdout, err = run_cli("predict", "--model", r, "--labels", env["val"], "--out", out)
+    assert_clean_error(code, stdout, err, f"Error: {r / 'config.json'}: unreadable run config")
+    assert expect in err
+    assert not out.exists()
+
+
+def test_round2_a_string_in_metrics_jsonl_names_its_line_and_key(env, tmp_path):
+    r = tmp_path / "run"
+    shutil.copytree(env["run"], r)
+    rows = (r / "metrics.jsonl").read_text().splitlines()
+    row = json.loads(rows[-1])
+    row["train_accuracy"] = str(row["train_accuracy"])
+    (r / "metrics.jsonl").write_text("\n".join(rows[:-1] + [json.dumps(row)]) + "\n")
+    code, stdout, err = run_cli("report", "--model", r, "--out", tmp_path / "rep")
+    assert_clean_error(code, stdout, err, f"Error: {r / 'metrics.jsonl'}: line {len(rows)}: 'train_accuracy' is "
+                                          f"'{row['train_accuracy']}' (a string), expected a number")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_round2_typed_reader_names_the_key_for_every_options_dataclass():
+    """The reader the trainers' resume paths use for their saved options (train's
+    config.json "train", finetune's finetune.json "options")."""
+    from bavit_core.bavit.train import TrainOptions
+    from bavit_core.finetune.options import FinetuneOptions
+    from bavit_core.runtime.errors import InputFileError
+    from bavit_core.runtime.typed import load_typed
+
+    assert load_typed(FinetuneOptions, {"detector_size": [64, 64], "epochs": None}, "f.json", "options").detector_size \
+        == (64, 64)
+    assert load_typed(TrainOptions, {"labels": "l.parquet", "epochs": 3}, "c.json", "train").epochs == 3
+    for cls, section, doc, expect in (
+            (TrainOptions, "train", {"epochs": 3}, "'train.labels' is missing"),
+            (TrainOptions, "train", {"labels": "l", "batch_size": "64"}, "'train.batch_size' is '64' (a string), expected an integer"),
+            (TrainOptions, "train", {"labels": "l", "lr": float("nan")}, "'train.lr' is nan (a number), expected a number"),
+            (TrainOptions, "train", {"labels": "l", "flip": "yes"}, "'train.flip' is 'yes' (a string), expected true or false"),
+            (FinetuneOptions, "options", {"detector_size": "64"}, "'options.detector_size' is '64' (a string), "
+                                                                   "expected a list or null"),
+            (FinetuneOptions, "options", {"epochs": 1.0}, "'options.epochs' is 1.0 (a number), expected an integer or null"),
+            (FinetuneOptions, "options", [1], "'options' is [1] (a list), expected an object")):
+        with pytest.raises(InputFileError) as exc:
+            load_typed(cls, doc, "x.json", section)
+        assert str(exc.value) == f"x.json: wrong value in the file: {expect}"
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tmp_path_factory):
+    from transformers import YolosForObjectDetection
+
+    from bavit_core.detection.yolos import tiny_yolos_config
+
+    d = tmp_path_factory.mktemp("det") / "det"
+    cfg = tiny_yolos_config("nano", num_labels=2, image_size=(32, 32), id2label={0: "N/A", 1: "thing"})
+    YolosForObjectDetection(cfg).save_pretrained(d)
+    return d
+
+
+DETECTOR_DAMAGE = {
+    "model.safetensors truncated": ("the download or copy was cut short", "truncated"),
+    "pytorch_model.bin a pickle with code": ("pickle refused: not a weights-only file", "pickle"),
+}
+
+
+@pytest.mark.parametrize("cmd", ["prune-eval", "finetune"])
+@pytest.mark.parametrize("how", list(DETECTOR_DAMAGE))
+def test_round2_a_damaged_detector_is_one_clean_line(env, tiny_detector, tmp_path, cmd, how):
+    expect, kind = DETECTOR_DAMAGE[how]
+    det = tmp_path / "det"
+    shutil.copytree(tiny_detector, det)
+    w = det / "model.safetensors"
+    if kind == "truncated":
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    else:
+        w.unlink()
+        (det / "pytorch_model.bin").write_bytes(STATE_DAMAGE_PICKLE)
+    args = {"prune-eval": ["prune-eval", "--detector", det, "--ann", env["ann"], "--images", env["imgs"],
+                           "--detector-size", "32"],
+            "finetune": ["finetune", "--detector", det, "--ann", env["ann"], "--images", env["imgs"],
+                         "--detector-size", "32", "--epochs", "1"]}[cmd]
+    code, out, err = run_cli(*args, "--out", tmp_path / "out")
+    assert_clean_error(code, out, err, f"Error: {det / ('model.safetensors' if kind == 'truncated' else 'pytorch_model.bin')}: ")
+    assert expect in err
+    assert not (tmp_path / "out").exists()
+
+
+# os.system("true") as a pickle: torch's weights-only loader must refuse it
+STATE_DAMAGE_PICKLE = (b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94\x8c\x04"
+                       b"true\x94\x85\x94R\x94.")
+
+
+def test_round2_an_image_declaring_60000_squared_pixels_is_refused_for_masks(env, tmp_path):
+    """label --source masks used to try to allocate 27 GiB for it."""
+    doc = _doc(images=[{"id": 1, "file_name": "a.jpg", "width": 60000, "height": 60000},
+                       {"id": 2, "file_name": "b.jpg", "width": 64, "height": 48}])
+    code, stdout, err, out = _label(env, tmp_path, doc, "--source", "masks")
+    assert_clean_error(code, stdout, err, f"Error: {tmp_path / 'ann.json'}: image 1 (a.jpg) declares 60000x60000 "
+                                          "pixels, too large to rasterise its masks")
+    assert not out.exists()
+    code, stdout, err, out = _label(env, tmp_path, doc)  # boxes need no pixel arrays: labelled
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("cat,reason", [(10**12, "annotation with category_id outside [0, 100000]"),
+                                        (-1, "annotation with category_id outside [0, 100000]"),
+                                        ("1", "annotation with non-integer category_id")])
+def test_round2_absurd_category_ids_are_skipped_and_said(env, tmp_path, cat, reason):
+    code, stdout, err, out = _label(env, tmp_path, _doc(annotations=[_ann(category_id=cat), _ann(image_id=2)]))
+    assert code == 0, err
+    assert f"skipped: {reason}" in stdout
+    assert _finite_labels(out).n_objects.tolist() == [0, 1]
+
+
+def test_round2_a_category_id_of_10_to_the_12_does_not_size_the_detector(env, tmp_path):
+    """finetune --from-scratch sized its head by the largest id: MemoryError."""
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(_doc(annotations=[_ann(category_id=10**12), _ann(image_id=2)],
+                                   ) | {"categories": [{"id": 10**12, "name": "huge"}, {"id": 1, "name": "thing"}]}))
+    code, out, err = run_cli("finetune", "--from-scratch", "--detector-config", "nano", "--ann", ann, "--images",
+                             env["imgs"], "--detector-size", "32", "--epochs", "1", "--val-fraction", "0",
+                             "--out", tmp_path / "ft")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "N/A", "1": "thing"}

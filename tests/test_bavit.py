@@ -203,7 +203,7 @@ def test_predict_and_postprocess_round_trip(small_labels, coco_synth, tmp_path):
     assert code == 0, err
     f = read_predictions(tmp_path / "f.parquet")
     assert f.gt is None and len(f) == 10 and f.widths[0] == 160 and f.heights[0] == 120
-    code, out, err = run_cli("postprocess", "--pred", tmp_path / "p.parquet", "--steps", "2", "--out", tmp_path / "r.parquet")
+    code, out, err = run_cli("postprocess", "--pred", tmp_path / "p.parquet", "--postprocess-steps", "2", "--out", tmp_path / "r.parquet")
     assert code == 0, err
     r = read_predictions(tmp_path / "r.parquet")
     assert (r.grids >= p.grids).all()
@@ -216,3 +216,26 @@ def test_predict_and_postprocess_round_trip(small_labels, coco_synth, tmp_path):
 def test_predict_bad_inputs(tmp_path):
     code, _, err = run_cli("predict", "--model", tmp_path / "nope", "--images", tmp_path)
     assert (code, err.strip()) == (1, f"Error: {tmp_path / 'nope'}: model run directory not found")
+
+
+def test_validation_reads_its_own_split_even_when_training_images_share_its_file_names(small_labels, coco_synth,
+                                                                                        tmp_path):
+    """--images names the training folder only: the validation labels' images come from the
+    folder recorded in them. Here the training folder also holds files named like every
+    validation image (with training pixels), as two splits of many user datasets do; reading
+    validation from --images would score those against the validation labels."""
+    import shutil
+
+    train_dir = tmp_path / "train_imgs"
+    shutil.copytree(coco_synth / "train2017", train_dir)
+    donors = sorted(train_dir.iterdir())
+    for k, v in enumerate(sorted((coco_synth / "val2017").iterdir())):
+        shutil.copyfile(donors[k], train_dir / v.name)
+    common = dict(epochs=1, images=str(train_dir))
+    own = read_metrics(Path(train_bavit(opts(small_labels, tmp_path / "a", **common))["out"]))
+    named = read_metrics(Path(train_bavit(opts(small_labels, tmp_path / "b", val_images=str(coco_synth / "val2017"),
+                                               **common))["out"]))
+    wrong = read_metrics(Path(train_bavit(opts(small_labels, tmp_path / "c", val_images=str(train_dir),
+                                               **common))["out"]))
+    assert own[0]["val_loss"] == named[0]["val_loss"] and own[0]["val_sparsity"] == named[0]["val_sparsity"]
+    assert own[0]["val_loss"] != wrong[0]["val_loss"]  # the folders' pixels do differ

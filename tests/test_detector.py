@@ -3,11 +3,11 @@ import pytest
 import torch
 from transformers import YolosForObjectDetection
 
-from bavit_core.detection.accounting import detector_gflops, token_columns, yolos_macs
+from bavit_core.detection.accounting import detector_gflops, token_columns
 import bavit_core.detection.pruned as pruned_mod
 from bavit_core.detection.pruned import LAYOUTS, TREATMENTS, pruned_forward
 from bavit_core.detection.yolos import init_new_yolos, load_detector, tiny_yolos_config
-from bavit_core.runtime.errors import BavitError, InputFileError
+from bavit_core.runtime.errors import BavitError, InputFileError, OptionError
 
 
 def make(mid=False, size=(64, 96), labels=5, seed=0):
@@ -366,22 +366,75 @@ def test_encoder_initialised_from_bavit_computes_bavits_layers():
         init_encoder_from_bavit(make(), wide)
 
 
+def yolos_tiny_gflops_by_hand(kept: int, treatment: str) -> float:
+    """GFLOPs (2 × MACs) of YOLOS-tiny at 512² (1024 patches) keeping ``kept`` patch tokens,
+    written out op by op from the architecture (d 192, MLP 768, 12 layers, 100 detection
+    tokens, 91 + 1 classes, 16 px patches), not with the accounting module:
+    patch embedding 3·16·16·d per embedded patch; per layer Q, K, V and output projections
+    d² each per computed token, Q·Kᵀ and attention·V N·(N + Np)·d each, MLP 2·d·768 per
+    token, and d² each for the K, V of the Np frozen tokens (preserve); heads: class MLP
+    d→d→d→92 and box MLP d→d→d→4 on the detection tokens."""
+    d, mlp, layers, nd, classes, patch = 192, 768, 12, 100, 92, 16
+    pruned = 1024 - kept
+    n = 1 + kept + nd  # CLS + kept patches + detection tokens
+    embedded, frozen = kept, 0
+    if treatment == "pool" and pruned:
+        n, embedded = n + 1, kept + 1  # the pool token: one projection of the mean pixels
+    if treatment == "preserve":
+        embedded, frozen = 1024, pruned
+    embed = embedded * 3 * patch * patch * d
+    q = k = v = o = n * d * d
+    scores = n * (n + frozen) * d
+    mix = n * (n + frozen) * d
+    mlp_macs = n * d * mlp + n * mlp * d
+    frozen_kv = 2 * frozen * d * d
+    layer = q + k + v + o + scores + mix + mlp_macs + frozen_kv
+    heads = nd * (d * d + d * d + d * classes) + nd * (d * d + d * d + d * 4)
+    return 2 * (embed + layers * layer + heads) / 1e9
+
+
+@pytest.mark.parametrize("treatment", TREATMENTS)
+def test_flops_equal_what_torch_counts_on_the_pruned_forward(treatment, monkeypatch):
+    """detector_gflops against torch's own FLOP counter on the pruned forward it describes
+    (nano YOLOS, one image, per-op encoder route, attention as plain matmuls so the counter
+    sees it). Catches the accounting drifting from the forward: a treatment's extra tokens
+    or frozen keys/values forgotten, the heads or the embedding miscounted. Left out by the
+    accounting, and so by this comparison: ``pool``'s average over the pruned patches (one
+    (1 × P) @ (P × d) product, a reduction rather than a layer)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(pruned_mod, "NATIVE_MAX_TOKENS", 0)  # torch's fused layer is one opaque op
+    m = make()
+    x = torch.randn(1, 3, 64, 96)
+    for kept in (24, 10, 3):
+        keep = torch.zeros(1, 24, dtype=torch.bool)
+        keep[0, torch.randperm(24, generator=torch.Generator().manual_seed(kept))[:kept]] = True
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
+            pruned_forward(m, x, keep.reshape(1, 4, 6), treatment=treatment)
+        counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+        pooling = counts.pop("aten.mm", 0) if treatment == "pool" else 0
+        assert pooling <= 2 * 24 * 64  # at most one (1 × P) @ (P × d) average
+        assert set(counts) <= {"aten.addmm", "aten.bmm", "aten.convolution", "aten.mm"}, counts
+        assert sum(counts.values()) / 1e9 == pytest.approx(detector_gflops(m.config, np.array([kept]), 24, treatment),
+                                                           rel=1e-12), kept
+
+
 def test_flops_and_token_columns_per_treatment():
     cfg = tiny_yolos_config("tiny")
-    d, nd = 192, 100
-    kept = np.array([100.0, 1024.0])
-    dense = detector_gflops(cfg, np.full(2, 1024), 1024)
+    # dense YOLOS-tiny at 512², worked out on paper: N = 1125 tokens, per layer
+    # 12·N·d² + 2·N²·d = 497 664 000 + 486 000 000 MACs, × 12 layers = 11 803 968 000;
+    # embedding 1024·768·192 = 150 994 944; heads 100·165 888 = 16 588 800 → 23.943 GFLOPs
+    assert detector_gflops(cfg, np.array([1024]), 1024) == pytest.approx(2 * 11_971_551_744 / 1e9, rel=1e-12)
     for t in TREATMENTS:  # nothing pruned: every treatment is the dense model
-        assert detector_gflops(cfg, np.array([1024]), 1024, t) == pytest.approx(dense)
-    drop, pool, keep = (detector_gflops(cfg, kept, 1024, t) for t in TREATMENTS)
-    embed = 3 * 16 * 16 * d
-    # pool: one more token (and its embedding) in the image with pruned tokens, none in the other
-    extra = yolos_macs(1 + 100 + nd + 1, d, 768, 12) - yolos_macs(1 + 100 + nd, d, 768, 12) + embed
-    assert pool - drop == pytest.approx(2 * extra / 2 / 1e9)
-    # preserve: all patches embedded, per layer 2·Np·d² for K/V and Nk·Np more attention MACs
-    n, npr = 1 + 100 + nd, 924
-    extra = 924 * embed + 12 * (2 * npr * d * d + 2 * n * npr * d)
-    assert keep - drop == pytest.approx(2 * extra / 2 / 1e9)
+        assert detector_gflops(cfg, np.array([1024]), 1024, t) == pytest.approx(yolos_tiny_gflops_by_hand(1024, t))
+        for k in (1, 100, 700):
+            assert detector_gflops(cfg, np.array([k]), 1024, t) == pytest.approx(yolos_tiny_gflops_by_hand(k, t),
+                                                                                  rel=1e-12), (t, k)
+        # the mean over images is the mean of each image's own count
+        both = detector_gflops(cfg, np.array([100, 1024]), 1024, t)
+        assert both == pytest.approx((yolos_tiny_gflops_by_hand(100, t) + yolos_tiny_gflops_by_hand(1024, t)) / 2)
+    kept = np.array([100.0, 1024.0])
     s = np.array([0.5, 0.0])
     cols = {t: token_columns(s, 1024, 12, 576, 2, with_bavit=False, treatment=t) for t in TREATMENTS}
     assert cols["drop"]["treatment"] == "drop" and cols["drop"]["kv_only_tokens"] == 0
@@ -389,5 +442,5 @@ def test_flops_and_token_columns_per_treatment():
     assert cols["preserve"]["yolos_pruned_tokens"] == cols["drop"]["yolos_pruned_tokens"]
     assert cols["preserve"]["kv_only_tokens"] == 12 * 1024 * 0.25
     assert cols["preserve"]["token_reduction_pct"] == cols["drop"]["token_reduction_pct"]  # eq. 4: computed tokens
-    with pytest.raises(ValueError, match="treatment must be one of"):
+    with pytest.raises(OptionError, match="unknown --pruned-tokens 'merge'; choose one of drop, pool, preserve"):
         detector_gflops(cfg, kept, 1024, "merge")

@@ -105,8 +105,8 @@ def test_every_command_with_default_options_on_a_hub_checkpoint(name, bavit_run,
     np.testing.assert_allclose([d["score"] for d in a], [d["score"] for d in b], atol=1e-4)
     np.testing.assert_allclose([d["bbox"] for d in a], [d["bbox"] for d in b], atol=1e-2)
 
-    code, out, err = run_cli("report", "--results", tmp_path / "res", "--train-run", bavit_run / "run",
-                             "--pred", bavit_run / "preds.parquet", "--finetune-run", f_dir, "--examples", "2",
+    code, out, err = run_cli("report", "--results", tmp_path / "res", "--model", bavit_run / "run",
+                             "--pred", bavit_run / "preds.parquet", "--detector", f_dir, "--examples", "2",
                              "--out", tmp_path / "report")
     assert code == 0, err
     page = (tmp_path / "report" / "index.html").read_text()

@@ -53,10 +53,24 @@ def test_topk_policy_keeps_the_same_count_in_every_image(target):
 
 
 def test_selection_is_deterministic_and_checks_its_inputs():
-    p = _probs()
-    a, _ = select_target(p, 0.5, "threshold", seed=3)
-    b, _ = select_target(p, 0.5, "threshold", seed=3)
-    assert np.array_equal(a, b)
+    p = np.random.default_rng(5).random((9, 8, 8))
+    # against a brute-force ranking: the round(0.5 · all tokens) highest priorities overall
+    a, thr = select_target(p, 0.5, "threshold", seed=3)
+    flat = p.reshape(-1)
+    assert len(np.unique(flat)) == flat.size  # no ties: the selection is the ranking's
+    n_keep = int(round(0.5 * flat.size))
+    ranked = sorted(range(flat.size), key=lambda i: -flat[i])
+    ref = np.zeros(flat.size, bool)
+    ref[ranked[:n_keep]] = True
+    assert np.array_equal(a.reshape(-1), ref) and thr == flat[ranked[n_keep - 1]]
+    # ties are broken by the seed alone, not by numpy's global random state
+    tied = np.full_like(p, 0.5)
+    np.random.seed(1)
+    b, _ = select_target(tied, 0.5, "threshold", seed=3)
+    np.random.seed(2)
+    c, _ = select_target(tied, 0.5, "threshold", seed=3)
+    d, _ = select_target(tied, 0.5, "threshold", seed=4)
+    assert np.array_equal(b, c) and b.sum() == d.sum() == n_keep and not np.array_equal(b, d)
     with pytest.raises(OptionError, match="unknown policy 'fixed'"):
         select_target(p, 0.5, "fixed")
     with pytest.raises(OptionError, match=r"target sparsity must lie in \[0, 1\); got 1.0"):

@@ -246,3 +246,26 @@ def test_cli_train_reports_bad_pretrained_input_as_one_line(hf_dir, labels, tmp_
     assert code == 1, (out, err)
     assert lines == [lines[0]] and lines[0].startswith(f"Error: {named.resolve()}: {DAMAGE[how]}"), err
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_where_the_input_normalisation_came_from_is_recorded_and_said_never_silently_imagenet(hf_dir, labels, tmp_path):
+    """A weights file that says nothing of its mean/std trains with ImageNet's: a wrong
+    normalisation raises no error, so the run says it assumed them (config and stdout)."""
+    import shutil
+
+    bare = tmp_path / "w" / "weights.safetensors"  # no config.json beside it, no metadata, no timm tag
+    bare.parent.mkdir()
+    shutil.copy(hf_dir / "model.safetensors", bare)
+    tagged = tmp_path / "t" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+    tagged.parent.mkdir()
+    shutil.copy(hf_dir / "model.safetensors", tagged)
+    for src, mean, said in ((bare, list(IMAGENET_MEAN), "ImageNet's (assumed: nothing beside or in the weights says)"),
+                            (tagged, [0.5] * 3, "timm's pretrained config vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
+                            (hf_dir, [0.5] * 3, str(hf_dir.resolve() / "config.json"))):
+        out = tmp_path / f"run_{src.name}"
+        code, stdout, err = run_cli("train", "--labels", labels, "--pretrained", src, "--epochs", "1",
+                                    "--batch-size", "4", "--val-fraction", "0.25", "--out", out)
+        assert code == 0, err
+        doc = json.loads((out / "config.json").read_text())
+        assert (doc["model"]["mean"], doc["model"]["normalisation"]) == (mean, said)
+        assert f"(input mean/std: {said})" in " ".join(stdout.split())

@@ -114,6 +114,89 @@ def test_voc_prune_eval_maps_classes_by_name(setup, voc_synth, tmp_path):
     assert rows[0]["selector"] == "dense" and int(rows[0]["n_images"]) == 8
 
 
+def test_voc_ground_truth_puts_each_object_in_the_detector_class_of_its_name(voc_synth):
+    """What prune-eval scores VOC against (category_map_for + coco_ground_truth, as the sweep
+    calls them), read against the XML files, for a detector whose label order is not VOC's
+    first-seen order: every object's annotation carries the detector id named like its
+    <name>; detections that are the objects themselves, under those ids, score AP 1, and
+    under the VOC ids they would get with an identity map, less. Catches classes matched by
+    id instead of name, an off-by-one label, objects dropped or assigned to another image."""
+    import xml.etree.ElementTree as ET
+
+    from bavit_core.detection.cocoeval import category_map_for, coco_ground_truth, evaluate_detections
+
+    aset = open_dataset("voc", root=voc_synth, split="val")
+    names = sorted(set(aset.categories.values()), reverse=True)
+    id2label = {0: "N/A", **{k + 1: n.upper() for k, n in enumerate(names)}}  # case-insensitive match
+    label_of = {n: k + 1 for k, n in enumerate(names)}
+    gt = coco_ground_truth(aset, aset.image_ids, category_map_for(aset, id2label))
+    dets, known = [], 0
+    for i, iid in enumerate(aset.image_ids):
+        anns = gt.loadAnns(gt.getAnnIds(imgIds=[int(iid)]))
+        root = ET.parse(voc_synth / "Annotations" / f"{aset.file_names[i][:-4]}.xml").getroot()
+        objs = list(root.iter("object"))
+        assert len(anns) == len(objs)
+        for obj in objs:
+            bb = obj.find("bndbox")
+            xmin, ymin, xmax, ymax = (int(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            box = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
+            a = next(a for a in anns if np.allclose(a["bbox"], box))
+            assert a["category_id"] == label_of[obj.findtext("name")]
+            known += 1
+            if obj.findtext("difficult") != "1":
+                dets.append({"image_id": int(iid), "category_id": a["category_id"], "bbox": box, "score": 0.9})
+    assert known >= len(aset.image_ids)
+    assert evaluate_detections(gt, dets, aset.image_ids)["map"] == pytest.approx(1.0)
+    by_voc_id = {v: k for k, v in aset.categories.items()}
+    wrong = [dict(d, category_id=by_voc_id[names[d["category_id"] - 1]]) for d in dets]
+    assert evaluate_detections(gt, wrong, aset.image_ids)["map"] < 0.9
+
+
+def brute_refine(g, steps):
+    """The paper's clean-up by explicit loops: a BG token turns FG when more than 2 of its 8
+    neighbours are FG, all tokens updated together, ``steps`` times."""
+    g = g.copy()
+    h, w = g.shape
+    for _ in range(steps):
+        new = g.copy()
+        for r in range(h):
+            for c in range(w):
+                fg = sum(g[rr, cc] for rr in range(r - 1, r + 2) for cc in range(c - 1, c + 2)
+                         if (rr, cc) != (r, c) and 0 <= rr < h and 0 <= cc < w)
+                new[r, c] = g[r, c] or fg > 2
+        g = new
+    return g
+
+
+def test_postprocess_steps_refine_bavits_grids_before_selection(setup, coco_synth, tmp_path):
+    """prune-eval --thresholds with --postprocess-steps 0 (default) and 1: each image's
+    sparsity in the bavit row is that of BAViT's FG grid (from `bavit predict` on the same
+    images: FG where 1 - p < threshold) cleaned up by the brute-force loop above (4x4 BAViT
+    grid = 4x4 detector grid at 64 px). Catches the option not reaching the selection, or
+    steps applied after the resampling or with another rule."""
+    from bavit_core.bavit.predict import read_predictions
+
+    code, _, err = run_cli("predict", "--model", setup / "run", "--labels", setup / "val.parquet",
+                           "--out", tmp_path / "p.parquet")
+    assert code == 0, err
+    pred = read_predictions(tmp_path / "p.parquet")
+    t = 0.6
+    changed = False
+    for steps in (0, 1):
+        out = tmp_path / f"s{steps}"
+        code, _, err = run_pe(setup, coco_synth, out, "--thresholds", str(t), "--selectors", "bavit",
+                              "--postprocess-steps", str(steps), "--timing-images", "0")
+        assert code == 0, err
+        meta = json.loads((out / "meta.json").read_text())
+        got = dict(zip(meta["image_ids"], meta["per_image_sparsity"][f"bavit_{t:.2f}"]))
+        for iid, probs in zip(pred.image_ids, pred.probs):
+            fg = (1.0 - probs.astype(np.float64)) < t
+            ref = brute_refine(fg, steps)
+            changed |= bool((ref != fg).any())
+            assert got[int(iid)] == pytest.approx(1.0 - ref.mean()), (steps, iid)
+    assert changed  # the clean-up had something to do on these images
+
+
 def test_prune_eval_bad_input(setup, coco_synth, tmp_path):
     code, _, err = run_pe(setup, coco_synth, tmp_path / "x", "--thresholds", "0.9:0.1")
     assert (code, err.strip()) == (1, "Error: --thresholds '0.9:0.1' is an empty range")
@@ -224,7 +307,9 @@ def test_plain_progress_lines_off_a_terminal(setup, coco_synth, tmp_path):
         "stage 2/6 decoding: 10/10 images, T elapsed",
         "stage 3/6 BAViT: 10/10 images, T elapsed",
         "stage 4/6 detecting: 40/40 image passes, T elapsed",
-        "stage 5/6 timing: 15/15 timed calls, T elapsed",  # (dense, BAViT, 3 rows) x (1 warm-up + 1 repeat + memory)
+        # (dense, BAViT, bavit and oracle rows; random shares bavit's kept counts, so its timing) x
+        # (1 warm-up + 1 repeat + memory)
+        "stage 5/6 timing: 12/12 timed calls, T elapsed",
         "stage 6/6 COCOeval: 4/4 rows, T elapsed",
     ]
 
@@ -334,7 +419,7 @@ def test_prune_eval_rows_per_pruned_token_treatment(setup, coco_synth, tmp_path)
         assert float(drop["gflops"]) < float(pool["gflops"]) < float(keep["gflops"])
         assert float(drop["flop_speedup"]) > float(keep["flop_speedup"])
     code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,merge")
-    assert (code, err.strip()) == (1, "Error: unknown --pruned-tokens 'merge'; choose from drop, pool, preserve")
+    assert (code, err.strip()) == (1, "Error: unknown --pruned-tokens 'merge'; choose one of drop, pool, preserve")
     assert not (tmp_path / "bad").exists()
 
 
@@ -355,7 +440,7 @@ def test_treatments_for_limits_the_sweep_to_some_selectors(setup, coco_synth, tm
     assert [plain[-1][k] for k in ("map", "sparsity")] == [rows[-1][k] for k in ("map", "sparsity")]
     for bad, msg in (("dense", "'dense'"), ("bavit,merge", "'merge'")):
         code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,pool", "--treatments-for", bad)
-        assert (code, err.strip()) == (1, f"Error: unknown --treatments-for selector {msg}; choose from bavit, oracle, random")
+        assert (code, err.strip()) == (1, f"Error: unknown --treatments-for selector {msg}; choose one of bavit, oracle, random")
         assert not (tmp_path / "bad").exists()
     code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,pool", "--treatments-for", ",")
     assert (code, err.strip()) == (1, "Error: --treatments-for is empty; name selectors (e.g. bavit) or leave it out")

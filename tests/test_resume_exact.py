@@ -125,10 +125,10 @@ def test_existing_run_is_refused_without_overwrite_and_a_changed_labels_file_wit
 
 
 def test_cli_says_how_to_resume_after_ctrl_c_and_from_which_epoch(labels, tmp_path, monkeypatch):
-    import bavit_core.bavit.train as T
+    from bavit_core.engine.rundir import RunDir
 
     out = tmp_path / "run"
-    real = T.RunFiles.commit
+    real = RunDir.commit
     n = []
 
     def commit(self, *a, **k):
@@ -137,12 +137,12 @@ def test_cli_says_how_to_resume_after_ctrl_c_and_from_which_epoch(labels, tmp_pa
         if len(n) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(T.RunFiles, "commit", commit)
+    monkeypatch.setattr(RunDir, "commit", commit)
     code, _, err = run_cli("train", "--labels", labels / "train2017.parquet", "--depth", "1", "--epochs", "3",
                            "--batch-size", "8", "--out", out)
     assert code == 130
     assert err.strip().endswith(f"Interrupted; no output was left half-written. Resume with: bavit train --out {out} --resume")
-    monkeypatch.setattr(T.RunFiles, "commit", real)
+    monkeypatch.setattr(RunDir, "commit", real)
     code, _, err = run_cli("train", "--resume", "--out", out)
     assert code == 0, err
     assert f"Resuming {out} from epoch 3 of 3." in err

@@ -119,12 +119,23 @@ def test_prune_eval_on_two_processes_equals_one_process(bavit_run, coco_synth, t
     a = list(csv.DictReader(open(tmp_path / "two" / "results.csv")))
     b = list(csv.DictReader(open(tmp_path / "one" / "results.csv")))
     assert len(a) == len(b) == 7  # dense + (bavit, oracle, random) x 2 targets
+    def close(x, y):  # numbers within float noise (see below), everything else exactly
+        try:
+            fx, fy = float(x), float(y)
+        except ValueError:
+            return x == y
+        return (np.isnan(fx) and np.isnan(fy)) or bool(np.isclose(fx, fy, rtol=1e-4, atol=1e-4))
+
     for ra, rb in zip(a, b):
-        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+        assert ra.keys() == rb.keys()
+        diff = {k: (ra[k], rb[k]) for k in ra if k not in TIMING and not close(ra[k], rb[k])}
+        assert not diff, diff
         assert ra["latency_ms"] != "nan"  # rank 0 timed
     files = sorted(p.name for p in (tmp_path / "one" / "detections").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "two" / "detections").iterdir()) and len(files) == 7
-    # Equal up to float noise, by definition: a torchrun rank runs with its own thread count
+    # Equal up to float noise, by definition (results.csv's numbers above too, within 1e-4:
+    # mAP from detections that agree to 1e-4 moves only if an IoU or score sits that close to
+    # a threshold or a tie): a torchrun rank runs with its own thread count
     # (torchrun sets OMP_NUM_THREADS=1), which picks another attention route on CPU
     # (detection/pruned.py), and the same sums round differently. The same detections, in the
     # same order, with boxes and scores within 1e-4 (a shard's images or order mixed up moves

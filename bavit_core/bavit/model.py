@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data.grid import GridSpec
 from ..runtime.errors import BavitError, InputFileError, OptionError
+from ..runtime.typed import FieldTypeError, typed_kwargs
 # the run directory's file names and config reader (they live in the torch-free runfiles)
 from .runfiles import CONFIG_FILE, LAST_FILE, MODEL_FILE, read_run_config  # noqa: F401 - re-exported
 
@@ -35,13 +36,28 @@ class ModelConfig:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     pretrained: str | None = None
+    normalisation: str | None = None  # where mean/std came from (with --pretrained)
 
     def validate(self) -> None:
-        if self.depth < 1:
-            raise OptionError(f"--depth must be at least 1, got {self.depth}")
+        """Ranges, so that a config (a run's config.json included) cannot ask for an
+        absurd model: sides <= 16384 px (as ``--input-size``), depth <= 64, width <= 4096."""
+        if not 1 <= self.depth <= 64:
+            raise OptionError(f"--depth must be in [1, 64], got {self.depth}")
         GridSpec(self.input_h, self.input_w, self.patch)  # raises on sizes not divisible by the patch
+        if max(self.input_h, self.input_w) > 16384:
+            raise OptionError(f"input size {self.input_h}x{self.input_w} is more than 16384 pixels per side")
+        if not (1 <= self.num_heads <= 64 and 1 <= self.embed_dim <= 4096):
+            raise OptionError(f"embed_dim {self.embed_dim} and num_heads {self.num_heads} must be in [1, 4096] "
+                              "and [1, 64]")
         if self.embed_dim % self.num_heads:
             raise OptionError("embed dim must be divisible by the number of heads")
+        if not 0 < self.mlp_ratio <= 16:
+            raise OptionError(f"mlp_ratio must be in (0, 16], got {self.mlp_ratio}")
+        for k in ("mean", "std"):
+            v = getattr(self, k)
+            if len(v) != 3 or not all(type(x) in (int, float) for x in v) or (k == "std" and min(v) <= 0):
+                raise OptionError(f"{k} must be 3 numbers (one per RGB channel){', all positive' if k == 'std' else ''}, "
+                                  f"got {list(v)}")
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -54,11 +70,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("mean", "std"):
-            if k in known:
-                known[k] = tuple(known[k])
-        return cls(**known)
+        """From a run config's ``model`` section, every value type-checked (a string size
+        raises :class:`~bavit_core.runtime.typed.FieldTypeError`, a TypeError, naming the key)."""
+        return cls(**typed_kwargs(cls, d, "model"))
 
 
 class BAViT(nn.Module):
@@ -99,8 +113,8 @@ def create_bavit(depth: int = 2, input_size: tuple[int, int] = (384, 384), patch
     if not pretrained:
         return BAViT(cfg)
     with _rng_untouched():
-        state, mean, std, source = _pretrained_state(pretrained)
-    cfg.mean, cfg.std = mean, std
+        state, mean, std, source, norm = _pretrained_state(pretrained)
+    cfg.mean, cfg.std, cfg.normalisation = mean, std, norm
     model = BAViT(cfg)
     load_vit_weights(model, state, source=source)
     return model
@@ -138,8 +152,8 @@ def _pretrained_state(name: str):
     if p.suffix in WEIGHT_SUFFIXES or p.exists():
         if not p.is_file():
             raise InputFileError(p, "pretrained weights file not found")
-        mean, std = weights_normalisation(p)
-        return read_state_dict(p), mean, std, p
+        mean, std, norm = weights_normalisation(p)
+        return read_state_dict(p), mean, std, p, norm
     import timm
 
     if not timm.is_model(name):
@@ -157,7 +171,8 @@ def _pretrained_state(name: str):
             "pass a local weights file to --pretrained instead"
         ) from None
     dc = m.pretrained_cfg
-    return m.state_dict(), tuple(dc.get("mean", IMAGENET_MEAN)), tuple(dc.get("std", IMAGENET_STD)), None
+    norm = f"timm's pretrained config {name}" if dc.get("mean") and dc.get("std") else "ImageNet's (assumed)"
+    return (m.state_dict(), tuple(dc.get("mean", IMAGENET_MEAN)), tuple(dc.get("std", IMAGENET_STD)), None, norm)
 
 
 def _timm_dir_state(d: Path):
@@ -191,8 +206,8 @@ def _timm_dir_state(d: Path):
     if not is_model_in_modules(arch, list(VIT_MODULES)):
         raise InputFileError(cfg_file, f"architecture {arch!r} is not a timm ViT (vision_transformer); BAViT "
                                        "starts from ViT-tiny weights such as vit_tiny_patch16_384")
-    mean, std = weights_normalisation(weights)
-    return read_state_dict(weights), mean, std, weights
+    mean, std, norm = weights_normalisation(weights)
+    return read_state_dict(weights), mean, std, weights, norm
 
 
 def _norm(v) -> tuple | None:
@@ -206,43 +221,47 @@ def _norm(v) -> tuple | None:
     return None
 
 
-def weights_normalisation(path: Path) -> tuple[tuple, tuple]:
-    """The input mean/std a local weights file was trained with, from (in order) a timm/HF
-    ``config.json`` beside it (``pretrained_cfg`` mean/std), the safetensors metadata
-    (``mean``/``std``), or a timm pretrained tag in its file name
-    (``vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors`` → mean = std = 0.5); ImageNet's
-    otherwise."""
+def weights_normalisation(path: Path) -> tuple[tuple, tuple, str]:
+    """The input mean/std a local weights file was trained with and where they came from:
+    (in order) a timm/HF ``config.json`` beside it (``pretrained_cfg`` mean/std), the
+    safetensors metadata (``mean``/``std``), or a timm pretrained tag in its file name
+    (``vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors`` → mean = std = 0.5). When
+    none says, ImageNet's, and the source says so: the run's config records it and
+    ``bavit train`` prints it, since a wrong normalisation trains without any error."""
     side = path.parent / "config.json"
     if side.is_file():
         try:
             doc = json.loads(side.read_text())
-            pc = doc.get("pretrained_cfg", doc) if isinstance(doc, dict) else {}
-            mean, std = _norm(pc.get("mean")), _norm(pc.get("std"))
-            if mean and std:
-                return mean, std
-        except (ValueError, OSError, AttributeError):
-            pass
+        except (ValueError, OSError) as exc:
+            raise InputFileError(side, f"unreadable config beside the weights {path.name} "
+                                       f"({type(exc).__name__}); it would say their input normalisation") from None
+        pc = doc.get("pretrained_cfg", doc) if isinstance(doc, dict) else {}
+        pc = pc if isinstance(pc, dict) else {}
+        mean, std = _norm(pc.get("mean")), _norm(pc.get("std"))
+        if mean and std:
+            return mean, std, f"{side}"
     if path.suffix == ".safetensors":
-        try:
-            from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
+        try:
             with safe_open(str(path), "pt") as f:
                 md = f.metadata() or {}
-            mean, std = _norm(md.get("mean")), _norm(md.get("std"))
-            if mean and std:
-                return mean, std
-        except Exception:  # unreadable files are reported by read_state_dict
-            pass
+        except (SafetensorError, OSError, ValueError):
+            md = {}  # unreadable: read_state_dict reports the file itself next
+        mean, std = _norm(md.get("mean")), _norm(md.get("std"))
+        if mean and std:
+            return mean, std, f"{path.name} metadata"
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-    try:
+    if "." in stem:
         from timm.models import get_pretrained_cfg
 
-        pc = get_pretrained_cfg(stem) if "." in stem else None
+        try:
+            pc = get_pretrained_cfg(stem)
+        except (RuntimeError, ValueError, KeyError):  # not a timm model.tag name
+            pc = None
         if pc is not None and pc.mean and pc.std:
-            return tuple(pc.mean), tuple(pc.std)
-    except Exception:
-        pass
-    return IMAGENET_MEAN, IMAGENET_STD
+            return tuple(pc.mean), tuple(pc.std), f"timm's pretrained config {stem}"
+    return IMAGENET_MEAN, IMAGENET_STD, "ImageNet's (assumed: nothing beside or in the weights says)"
 
 
 def _require_hub_reachable(name: str, timeout: float = 3.0) -> None:
@@ -262,7 +281,7 @@ def _require_hub_reachable(name: str, timeout: float = 3.0) -> None:
                 hit = try_to_load_from_cache(repo, fname)
                 if isinstance(hit, str):
                     return
-    except Exception:
+    except (ImportError, ValueError, OSError, RuntimeError, KeyError):  # no cache hit to be found: try the network
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         raise BavitError(f"cannot download timm weights {name!r}: not cached and HF_HUB_OFFLINE is set; "
@@ -408,6 +427,11 @@ def load_bavit(run: str | Path, which: str = "best", device: str | torch.device 
     try:
         cfg_doc = json.loads(cfg_path.read_text())
         cfg = ModelConfig.from_dict(cfg_doc["model"])
+        cfg.validate()
+    except FieldTypeError as exc:
+        raise InputFileError(cfg_path, f"unreadable run config: {exc}") from None
+    except BavitError as exc:
+        raise InputFileError(cfg_path, f"unreadable run config: 'model' section: {exc}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise InputFileError(cfg_path, f"unreadable run config ({exc})") from None
     if not wfile.is_file():

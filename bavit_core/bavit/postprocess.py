@@ -39,7 +39,7 @@ def refine_step(grids: np.ndarray, kernel: str = "8", min_fg: int = 2) -> np.nda
 def check_options(steps: int, kernel: str, min_fg: int) -> None:
     """Validate the clean-up options (before any file is read or written)."""
     if steps < 0:
-        raise OptionError(f"--steps must be >= 0, got {steps}")
+        raise OptionError(f"--postprocess-steps must be >= 0, got {steps}")
     if kernel not in KERNELS:
         raise OptionError(f"unknown --kernel {kernel!r}; choose 8 or 4")
     if not 0 <= min_fg < len(KERNELS[kernel]):

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from ..labels import META_KEY, fixed_list_to_numpy, read_parquet_table
 from ..labels.labelfile import grid_shape_of, require_columns
 from ..runtime.errors import InputFileError
-from ..runtime.fileio import atomic_path, refuse_output_over_inputs, sha256_file
+from ..runtime.fileio import atomic_path, check_output_writable, refuse_output_over_inputs, sha256_file
 
 FORMAT = "bavit-preds/1"
 
@@ -88,6 +88,7 @@ def postprocess_predictions(pred_path, out, steps: int = 3, kernel: str = "8", m
 
     check_options(steps, kernel, min_fg)
     refuse_output_over_inputs(out, [pred_path])
+    check_output_writable(out)
     p = read_predictions(pred_path)
     t0 = time.perf_counter()
     grids, history = refine_with_history(p.grids, p.gt, steps, kernel, min_fg)

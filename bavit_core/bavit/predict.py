@@ -13,7 +13,7 @@ from ..labels import read_labels
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist
 from ..runtime.errors import InputFileError, OptionError
-from ..runtime.fileio import refuse_output_over_inputs, sha256_file
+from ..runtime.fileio import check_output_writable, refuse_output_over_inputs, sha256_file
 from .inference import fg_from_probs, infer_probs
 from .metrics import grid_metrics
 from .model import load_bavit
@@ -41,6 +41,7 @@ def predict(
     labels = Path(labels).resolve() if labels is not None else None
     refuse_output_over_inputs(out, [labels, model_dir / "config.json", model_dir / "model.safetensors",
                                      model_dir / "last.safetensors", model_dir])
+    check_output_writable(out)
     dev = Dist.local_device(resolve_device(device))
     model = load_bavit(model_dir, device=dev)
     cfg = model.cfg

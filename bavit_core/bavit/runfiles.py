@@ -1,27 +1,22 @@
-"""A BAViT run directory's files: state.pt (the commit point a resume starts from), the
-config, metrics.jsonl, input paths and hashes checked on resume."""
+"""A BAViT run directory's own files: the config, the selected and last weights and
+metrics.jsonl, derived from the engine's state.pt (:mod:`bavit_core.engine.rundir`)."""
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import __version__
+from ..engine.rundir import METRICS_FILE, STATE_FILE
 from ..runtime.errors import InputFileError
-from ..runtime.fileio import atomic_path, atomic_write_text, read_training_state, sha256_file
-
-if TYPE_CHECKING:
-    from .train import TrainOptions
+from ..runtime.fileio import atomic_write_text
 
 # A run directory's files (this module imports no torch: reading a run's config and
 # metrics, as `bavit report` does, needs none)
 MODEL_FILE = "model.safetensors"
 LAST_FILE = "last.safetensors"
 CONFIG_FILE = "config.json"
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
 
 
 def read_run_config(run: str | Path) -> dict:
@@ -31,69 +26,21 @@ def read_run_config(run: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
-def load_state(path: Path) -> dict:
-    return read_training_state(path, ("epoch", "best", "optimizer", "scheduler", "model", "rows"))
+RUN_FILES = (STATE_FILE, MODEL_FILE, LAST_FILE, METRICS_FILE, CONFIG_FILE)  # what --overwrite replaces
 
 
-def input_hashes(opts: TrainOptions) -> dict:
-    return {k: sha256_file(getattr(opts, k)) for k in ("labels", "val_labels")
-            if getattr(opts, k) and Path(getattr(opts, k)).is_file()}
+def derive_files(out: Path, model, rows: list[dict], epoch: int, selected: bool) -> None:
+    """The run's user-facing files from the state of ``epoch`` (see :mod:`bavit_core.engine.rundir`):
+    ``model.safetensors`` when that epoch is the selected model, ``last.safetensors`` and
+    ``metrics.jsonl`` always."""
+    from .model import save_weights
 
-
-def check_inputs_unchanged(out: Path, doc: dict, opts: TrainOptions, force: bool) -> None:
-    saved = doc.get("inputs_sha256") or {}
-    for k, h in saved.items():
-        path = getattr(opts, k, None)
-        if not path:
-            continue
-        if not Path(path).is_file():
-            raise InputFileError(path, f"cannot resume {out}: its --{k.replace('_', '-')} file is gone")
-        if sha256_file(path) != h and not force:
-            raise InputFileError(path, f"changed since {out} started (sha256 differs); resuming would mix two "
-                                 "datasets: pass --force to resume anyway, or --overwrite to start again")
-
-
-class RunFiles:
-    """The run directory's files, written so that a kill anywhere leaves a resumable run.
-
-    ``state.pt`` is the commit point: it holds everything resume needs (last weights,
-    optimizer, scheduler, RNG, metric rows, best epoch) and is written first, atomically.
-    ``last.safetensors``, ``model.safetensors`` (best) and ``metrics.jsonl`` are derived
-    from it afterwards; a resume rewrites them from the state, so whether a kill lands
-    before, inside or after any of these writes, the resumed run equals the uninterrupted
-    one bitwise. A fresh run creates its directory (and config.json) at its first commit:
-    a run that fails before its first epoch leaves nothing behind.
-    """
-
-    def __init__(self, out: Path, main: bool):
-        self.out, self.main, self.config = out, main, None
-
-    def commit(self, model, optim, sched, epoch, best, best_epoch, rows):
-        import torch
-
-        out = self.out
-        if self.config is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            for f in (STATE_FILE, MODEL_FILE, LAST_FILE, METRICS_FILE, CONFIG_FILE):  # --overwrite
-                (out / f).unlink(missing_ok=True)
-            self.config()
-            self.config = None
-        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        with atomic_path(out / STATE_FILE) as tmp:
-            torch.save({"epoch": epoch, "best": best, "best_epoch": best_epoch, "optimizer": optim.state_dict(),
-                        "scheduler": sched.state_dict(), "model": sd, "rows": rows,
-                        "torch_rng": torch.get_rng_state()}, tmp)
-        self.restore(model, rows, epoch, best_epoch)
-
-    def restore(self, model, rows, epoch, best_epoch):
-        """(Re)write the files derived from the state of ``epoch``."""
-        from .model import save_weights
-
-        if best_epoch == epoch:
-            save_weights(model, self.out / MODEL_FILE, {"epoch": epoch, "score": rows[-1].get(
-                "val_accuracy", rows[-1].get("train_accuracy"))})
-        save_weights(model, self.out / LAST_FILE, {"epoch": epoch})
-        write_rows(self.out, rows)
+    row = rows[-1] if rows else {}
+    if selected:
+        save_weights(model, out / MODEL_FILE, {"epoch": epoch, "score": row.get(
+            "val_accuracy", row.get("train_accuracy"))})
+    save_weights(model, out / LAST_FILE, {"epoch": epoch})
+    write_rows(out, rows)
 
 
 def write_config(out, opts, cfg, lab_meta, info, n_train, n_val, world, hashes=None):
@@ -103,7 +50,8 @@ def write_config(out, opts, cfg, lab_meta, info, n_train, n_val, world, hashes=N
         "bavit_version": __version__,
         "torch_version": torch.__version__,
         "model": asdict(cfg),
-        "init": f"pretrained from {cfg.pretrained}" if cfg.pretrained else "random init (no --pretrained given)",
+        "init": (f"pretrained from {cfg.pretrained}, input mean/std from {cfg.normalisation}" if cfg.pretrained
+                 else "random init (no --pretrained given)"),
         "train": asdict(opts),
         "labels_meta": {k: lab_meta.get(k) for k in ("format", "dataset", "options", "threshold", "comparison",
                                                     "source_sha256", "images_dir")},

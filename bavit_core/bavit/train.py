@@ -1,15 +1,13 @@
-"""Training BAViT: Accumulative Cross Entropy, Adam + step LR, resumable, DDP-ready.
+"""Training BAViT: Accumulative Cross Entropy (paper eq. 3), Adam + step LR, on the one
+training engine (:mod:`bavit_core.engine`: resumable run directory, epoch loop, DDP).
 
-Determinism: the shuffling and flips of epoch e come from a generator seeded with
-(seed, e), drawn for the whole dataset before sharding, so (1) a resumed run ends with
-the same weights as an uninterrupted one, and (2) N processes with batch b see the same
-samples per step as one process with batch N·b.
+This module holds what is BAViT's own: its options, loading the label grids and images of
+each split, the loss, the token metrics of an epoch and of validation.
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,18 +17,26 @@ import torch
 import torch.nn.functional as F
 
 from ..data.images import load_images, resolve_paths, to_input
+from ..engine.loop import LoopOptions, fit, global_share, steps_per_epoch
+from ..engine.rundir import RunDir, check_inputs_unchanged, check_select, input_hashes
 from ..labels import Labels, read_labels
 from ..runtime.devices import check_device_name, resolve_device
-from ..runtime.distributed import Dist, epoch_order
-from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
-from ..runtime.fileio import check_new_run_dir, refuse_output_over_inputs, resolve_input_paths
+from ..runtime.distributed import Dist
+from ..runtime.errors import InputFileError, OptionError
+from ..runtime.fileio import check_new_run_dir, check_output_writable, refuse_output_over_inputs, resolve_input_paths
+from ..runtime.typed import load_typed, read_json_object
 from .metrics import token_metrics
 from .model import CONFIG_FILE, BAViT, ModelConfig, create_bavit
-from .runfiles import (METRICS_FILE, STATE_FILE, RunFiles, check_inputs_unchanged, input_hashes, load_state,
-                       read_metrics, write_config)
+from .runfiles import METRICS_FILE, RUN_FILES, STATE_FILE, derive_files, read_metrics, write_config
 
 __all__ = ["METRICS_FILE", "STATE_FILE", "TrainOptions", "acc_loss", "evaluate", "load_split", "read_metrics",
            "train_bavit"]
+
+
+def _inputs(opts) -> dict:
+    """The input files a resume checks for changes."""
+    return {"labels": opts.labels, "val_labels": opts.val_labels}
+
 
 @dataclass
 class TrainOptions:
@@ -55,6 +61,7 @@ class TrainOptions:
     workers: int = 0
     amp: bool = True
     device: str = "auto"
+    select: str = "last"
     out: str = "runs/bavit"
 
     def validate(self) -> None:
@@ -83,6 +90,7 @@ class TrainOptions:
             raise OptionError(f"--depth must be in [1, 64], got {self.depth}")
         if self.workers < 0:
             raise OptionError(f"--workers must be >= 0 (0 = automatic), got {self.workers}")
+        check_select(self.select)
         check_device_name(self.device)
 
 
@@ -183,12 +191,15 @@ def _resume_state(out: Path):
         raise InputFileError(out, "cannot resume: not a bavit run directory (config.json missing)")
     if not (out / STATE_FILE).is_file():
         raise InputFileError(out, "cannot resume: the run has no completed epoch yet (start again with --overwrite)")
+    doc = read_json_object(cfg_path, "run config")
+    for key in ("train", "model"):
+        if key not in doc:
+            raise InputFileError(cfg_path, f"unreadable run config: no {key!r} section")
+    load_typed(TrainOptions, doc["train"], cfg_path, "train")
     try:
-        doc = json.loads(cfg_path.read_text())
-        TrainOptions(**doc["train"])
         ModelConfig.from_dict(doc["model"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise InputFileError(cfg_path, f"unreadable run config ({type(exc).__name__})") from None
+    except (ValueError, TypeError) as exc:
+        raise InputFileError(cfg_path, f"unreadable run config: {exc}") from None
     return doc
 
 
@@ -213,13 +224,14 @@ def train_bavit(
     if resume:
         opts.validate() if opts.epochs is not None else check_device_name(opts.device)
         doc = _resume_state(out)
-        saved = TrainOptions(**doc["train"])
+        check_output_writable(out, in_place=True)
+        saved = load_typed(TrainOptions, doc["train"], out / CONFIG_FILE, "train")
         if opts.epochs is not None:  # a resumed run may be extended
             saved.epochs = opts.epochs
         saved.out, saved.device, saved.workers = str(out), opts.device, opts.workers
         opts = saved
         opts.validate()
-        check_inputs_unchanged(out, doc, opts, force)
+        check_inputs_unchanged(out, doc.get("inputs_sha256") or {}, _inputs(opts), force)
     else:
         opts.validate()
         resolve_input_paths(opts, ("labels", "images", "val_labels", "val_images"), hub_or_path=("pretrained",))
@@ -232,6 +244,48 @@ def train_bavit(
         return _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume)
     finally:
         dist.close()
+
+
+class _BavitTrainer:
+    """BAViT on the engine: Accumulative Cross Entropy on token grids, Adam."""
+
+    def __init__(self, model: BAViT, cfg: ModelConfig, train: Split, val: Split | None, opts: TrainOptions,
+                 device, amp: bool):
+        self.model, self.cfg, self.train, self.val, self.opts, self.device, self.amp = (
+            model, cfg, train, val, opts, device, amp)
+        self.params = list(model.parameters())
+        self.optim = torch.optim.Adam(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
+        self.n_train = len(train.grids)
+
+    def step(self, idx, flips, dist):
+        x, y = _batch(self.train, idx, flips, self.cfg, self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(x)
+        loss = acc_loss(logits, y, self.opts.fg_weight)
+        stats = _counts(logits.detach(), y, loss.item() * y.numel())
+        if dist.enabled:  # the weighted mean over the global batch, as one process computes it
+            w = float(y.numel()) + (self.opts.fg_weight - 1.0) * float(y.sum())
+            loss = loss * global_share(w, dist)
+        return loss, stats
+
+    def train_row(self, sums):
+        return {f"train_{k}": v for k, v in _summarise(sums).items()}
+
+    def validate(self, dist):
+        if self.val is None:
+            return {}
+        m = evaluate(self.model, self.val, self.cfg, self.opts.batch_size, self.device, dist, self.opts.fg_weight,
+                     self.amp)
+        return {f"val_{k}": v for k, v in m.items()}
+
+    def score(self, row):
+        return row.get("val_accuracy", row["train_accuracy"])
+
+
+def _loop_options(opts: TrainOptions) -> LoopOptions:
+    return LoopOptions(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed, flip=opts.flip,
+                       schedule="step", step_size=opts.step_size, gamma=opts.gamma, clip_grad=opts.clip_grad,
+                       select=opts.select)
 
 
 def _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume=None):
@@ -250,7 +304,9 @@ def _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume=No
         on_stage("loading images")
     train_split, info = load_split(opts.labels, opts.images, cfg, opts.label_threshold, opts.workers)
     if opts.val_labels:
-        val_split, vinfo = load_split(opts.val_labels, opts.val_images or opts.images, cfg,
+        # each split's images come from its own labels file unless --val-images says otherwise (never
+        # from --images: two splits may share file names, and validation would score training images)
+        val_split, vinfo = load_split(opts.val_labels, opts.val_images, cfg,
                                       opts.label_threshold, opts.workers)
     elif opts.val_fraction > 0 and len(train_split.grids) >= 2:
         perm = np.random.default_rng([opts.seed, 12345]).permutation(len(train_split.grids))
@@ -260,92 +316,26 @@ def _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume=No
         train_split = Split(train_split.images[ti], train_split.grids[ti], train_split.image_ids[ti])
     else:
         val_split = None
-    n = len(train_split.grids)
-    per_rank = n // dist.world
-    if per_rank == 0:
-        raise OptionError(f"{n} training images cannot be shared by {dist.world} processes")
-    steps_per_epoch = math.ceil(per_rank / opts.batch_size)
-
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optim = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(optim, step_size=opts.step_size, gamma=opts.gamma)
     amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    start_epoch, best, best_epoch = 0, -1.0, -1
-    rows: list[dict] = []
-    run = RunFiles(out, dist.main)
+    trainer = _BavitTrainer(model, cfg, train_split, val_split, opts, device, amp)
+    steps_per_epoch(trainer.n_train, opts.batch_size, dist)  # refuses a split too small for the processes
+    run = RunDir(out, lambda m, rows, epoch, selected: derive_files(out, m, rows, epoch, selected),
+                 owned=RUN_FILES)
+    start_epoch, sel, rows = 0, None, []
     if resume:
-        state = load_state(out / STATE_FILE)
-        try:
-            model.load_state_dict(state["model"])
-            optim.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise InputFileError(out / STATE_FILE, f"training state does not fit this run ({type(exc).__name__})") from None
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
-        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
-        best_epoch = int(state.get("best_epoch", -1))
-        rows = list(state["rows"])
+        start_epoch, sel, rows = run.resume(model, trainer.optim, opts.select)
         if dist.main:
-            run.restore(model, rows, start_epoch - 1, best_epoch)
+            run.rederive(model, rows, start_epoch - 1, sel)
         if on_resume:
             on_resume(start_epoch + 1, opts.epochs)
     else:
-        run.config = lambda: write_config(out, opts, cfg, lab_meta, info, len(train_split.grids),
-                                           0 if val_split is None else len(val_split.grids), dist.world,
-                                           input_hashes(opts))
+        run.first_commit = lambda: write_config(out, opts, cfg, lab_meta, info, trainer.n_train,
+                                                0 if val_split is None else len(val_split.grids), dist.world,
+                                                input_hashes(_inputs(opts)))
     dist.barrier()
-
-    for epoch in range(start_epoch, opts.epochs):
-        t0 = time.perf_counter()
-        ddp_model.train()
-        perm, flips = epoch_order(opts.seed, epoch, n)
-        if not opts.flip:
-            flips = None
-        mine = perm[: per_rank * dist.world][dist.rank::dist.world] if dist.enabled else perm
-        c = [0.0] * 5
-        for s in range(0, len(mine), opts.batch_size):
-            b = mine[s:s + opts.batch_size]
-            x, y = _batch(train_split, b, flips, cfg, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = ddp_model(x)
-            loss = acc_loss(logits, y, opts.fg_weight)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, step "
-                    f"{s // opts.batch_size + 1}; try a lower --lr or --clip-grad")
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if opts.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
-            optim.step()
-            c = [a + b_ for a, b_ in zip(c, _counts(logits.detach(), y, loss.item() * y.numel()))]
-            if on_step:
-                on_step(1, steps_per_epoch)
-        sched.step()
-        row = {"epoch": epoch, "lr": optim.param_groups[0]["lr"]}
-        row.update({f"train_{k}": v for k, v in _summarise(dist.sum(c)).items()})
-        if val_split is not None:
-            row.update({f"val_{k}": v for k, v in evaluate(model, val_split, cfg, opts.batch_size, device, dist,
-                                                            opts.fg_weight, amp).items()})
-        row["seconds"] = time.perf_counter() - t0
-        row["images_per_s"] = n / row["seconds"]
-        score = row.get("val_accuracy", row["train_accuracy"])
-        if dist.main:
-            improved = score > best
-            if improved:
-                best, best_epoch = score, epoch
-            row["best"] = improved
-            rows.append(row)
-            run.commit(model, optim, sched, epoch, best, best_epoch, rows)
-        dist.barrier()
-        if on_epoch:
-            on_epoch(row)
-    return {"out": str(out), "epochs": opts.epochs, "best_score": best, "rows": rows,
-            "train_images": n, "val_images": 0 if val_split is None else len(val_split.grids),
-            "pretrained": cfg.pretrained, "world_size": dist.world}
-
-
+    sel, rows = fit(trainer, run, _loop_options(opts), dist, start_epoch, sel, rows, on_step, on_epoch)
+    chosen = next((r for r in rows if r["epoch"] == sel.selected_epoch), rows[-1] if rows else {})
+    return {"out": str(out), "epochs": opts.epochs, "select": sel.mode, "selected_epoch": sel.selected_epoch,
+            "score": trainer.score(chosen) if chosen else float("nan"), "best_score": sel.best, "rows": rows,
+            "train_images": trainer.n_train, "val_images": 0 if val_split is None else len(val_split.grids),
+            "pretrained": cfg.pretrained, "normalisation": cfg.normalisation, "world_size": dist.world}

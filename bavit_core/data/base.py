@@ -57,6 +57,22 @@ class AnnotationSet:
     def n_images(self) -> int:
         return len(self.image_ids)
 
+    def entry_source(self, i: int) -> Path:
+        """The file that describes image i (COCO: the instances JSON; VOC: its XML), for
+        errors that name an entry."""
+        if self.kind == "voc" and self.images_dir is not None:
+            return self.images_dir.parent / "Annotations" / (Path(self.file_names[i]).stem + ".xml")
+        return self.source_files[0]
+
+    def skipped_summary(self) -> str:
+        """What the reader skipped, for commands that print it beside their result
+        (``""`` when nothing): ``skipped in ann.json: 2 annotation with non-integer category_id``."""
+        items = [f"{v} {k}" for k, v in sorted(self.skipped.items()) if v]
+        if not items:
+            return ""
+        src = self.source_files[0].name if len(self.source_files) == 1 else f"{len(self.source_files)} files"
+        return f"skipped in {src}: " + ", ".join(items)
+
     def select_boxes(self, crowd: str, difficult: str) -> np.ndarray:
         """Boolean mask over boxes kept under the crowd / difficult options."""
         keep = np.ones(len(self.boxes), dtype=bool)

@@ -120,8 +120,11 @@ def load_coco(
             skipped["annotation malformed"] += 1
             continue
         cat = ann.get("category_id", 0)
-        if type(cat) is not int or not -MAX_ID <= cat <= MAX_ID:  # noqa: E721
+        if type(cat) is not int:  # noqa: E721 (a string "1" is not category 1)
             skipped["annotation with non-integer category_id"] += 1
+            continue
+        if not 0 <= cat <= MAX_CATEGORY_ID:
+            skipped[f"annotation with category_id outside [0, {MAX_CATEGORY_ID}]"] += 1
             continue
         is_crowd = ann.get("iscrowd", 0)
         if is_crowd not in (0, 1) or isinstance(is_crowd, float):
@@ -141,9 +144,14 @@ def load_coco(
                                                      skipped, notes)
     gt_images = [ids[i] for i in box_img]
     categories = {}
-    for c in doc.get("categories") or []:
-        if isinstance(c, dict) and _is_int(c.get("id")):
+    cat_list = doc.get("categories")
+    if cat_list is not None and not isinstance(cat_list, list):
+        skipped["'categories' not a list"] += 1
+    for c in cat_list if isinstance(cat_list, list) else []:
+        if isinstance(c, dict) and _is_int(c.get("id")) and 0 <= c["id"] <= MAX_CATEGORY_ID:
             categories[int(c["id"])] = str(c.get("name", c["id"]))
+        else:
+            skipped["category entry malformed or id out of range"] += 1
 
     widths_a = np.asarray(widths, dtype=np.int64)
     heights_a = np.asarray(heights, dtype=np.int64)
@@ -191,6 +199,9 @@ class _CocoGroundTruth:
 MAX_ID = 2**63 - 1
 _NUM = frozenset({int, float})  # exact types: a bool or a string is not a coordinate
 MAX_SIDE = 1 << 16  # pixels: larger "images" are refused as absurd
+# category ids: a detector trained from scratch gets max id + 1 labels, so an id of 10**12
+# would ask for a 10**12-way head (COCO's ids stop at 90, LVIS's at 1203)
+MAX_CATEGORY_ID = 100_000
 
 
 def _is_int(v) -> bool:

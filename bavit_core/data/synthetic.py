@@ -21,7 +21,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from ..runtime.errors import OptionError
-from ..runtime.fileio import atomic_dir, atomic_path, atomic_write_text
+from ..runtime.fileio import atomic_dir, atomic_path, atomic_write_text, check_output_writable
 from ..runtime import workers as _workers
 
 CLASS_NAMES = ("triangle", "rectangle", "ellipse", "star", "hexagon")  # category ids 1..5
@@ -294,14 +294,15 @@ def synth_dataset(
     if scenes not in SCENES:
         raise OptionError(f"unknown --scenes {scenes!r}; choose one of {', '.join(SCENES)}")
     if n_images < 1:
-        raise OptionError("--images must be at least 1")
+        raise OptionError("--num-images must be at least 1")
     h, w = size
     if h < 32 or w < 32:
-        raise OptionError(f"--size {h}x{w} is too small (at least 32x32)")
+        raise OptionError(f"--image-size {h}x{w} is too small (at least 32x32)")
     if not 0.0 <= val_fraction < 1.0:
         raise OptionError("--val-fraction must be in [0, 1)")
     t0 = time.perf_counter()
     out = Path(out)
+    check_output_writable(out)
     n_val = int(round(n_images * val_fraction))
     names = ("train2017", "val2017") if fmt == "coco" else ("train", "val")
     split_of = [names[1] if i >= n_images - n_val else names[0] for i in range(n_images)]

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-TREATMENTS = ("drop", "pool", "preserve")  # what happens to pruned tokens (detection/pruned.py)
+from .treatments import TREATMENTS, get_treatment  # noqa: F401 (TREATMENTS: names re-exported)
 
 
 def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit_tokens: int, bavit_layers: int,
@@ -22,16 +21,15 @@ def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit
     one per image (the checkpoint's protocol: each image its own grid); the columns are
     then means over images of each image's own counts.
     """
-    if treatment not in TREATMENTS:
-        raise ValueError(f"treatment must be one of {TREATMENTS}")
+    t = get_treatment(treatment)
     s = np.asarray(sparsity, dtype=np.float64)
     ty = det_layers * np.broadcast_to(np.asarray(det_patches, dtype=np.float64), s.shape)
     tb = bavit_layers * bavit_tokens if with_bavit else 0
     pruned = ty * (1.0 - s)
     kv_only = np.zeros_like(s)
-    if treatment == "pool":
+    if t.summary_token:
         pruned = pruned + det_layers * (s > 0)
-    elif treatment == "preserve":
+    if t.keys_values:
         kv_only = ty * s
     total = pruned + tb
     return {
@@ -51,8 +49,7 @@ def detector_gflops(config, kept: np.ndarray, n_patches: int, treatment: str = "
     ``preserve``), the encoder on 1 + kept + detection tokens (+ the pool token for
     ``pool``; + key/value projections of the frozen pruned tokens and attention over them
     for ``preserve``), the two 3-layer heads."""
-    if treatment not in TREATMENTS:
-        raise ValueError(f"treatment must be one of {TREATMENTS}")
+    t = get_treatment(treatment)
     d, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     nd = config.num_detection_tokens
     p = config.patch_size
@@ -61,10 +58,10 @@ def detector_gflops(config, kept: np.ndarray, n_patches: int, treatment: str = "
     n = 1 + kept + nd
     embedded = kept
     kv_only = 0.0
-    if treatment == "pool":
+    if t.summary_token:
         n = n + (pruned > 0)
         embedded = kept + (pruned > 0)  # the pool token: one projection of the mean pixels
-    elif treatment == "preserve":
+    if t.keys_values:
         embedded = np.full_like(kept, n_patches)
         kv_only = pruned
     embed = embedded * 3 * p * p * d

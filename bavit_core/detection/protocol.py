@@ -84,7 +84,7 @@ def _processor_path(name_or_path: str) -> Path | None:
 
         hit = try_to_load_from_cache(str(name_or_path), PROCESSOR_FILE)
         return Path(hit) if isinstance(hit, str) else None
-    except Exception:  # not a repo id: no cached processor
+    except ValueError:  # huggingface_hub's HFValidationError: not a repo id, so no cached processor
         return None
 
 

@@ -57,9 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attend_packed, attend_pad, attend_via_pad
+from .treatments import TREATMENTS  # the registry: names, accounting, export
 
 LAYOUTS = ("pack", "pad")
-TREATMENTS = ("drop", "pool", "preserve")
 
 
 @dataclass

@@ -37,7 +37,6 @@ from ..data.ragged import Grids, resample_to
 from ..labels import read_labels
 from ..runtime.errors import OptionError
 
-SELECTORS = ("dense", "bavit", "oracle", "random")
 POLICIES = ("threshold", "topk")
 
 

@@ -132,7 +132,7 @@ def _weight_files(name_or_path: str, looks_local: bool) -> list[Path]:
         for single, _ in _WEIGHT_FILES:
             try:
                 hit = try_to_load_from_cache(name_or_path, single)
-            except Exception:  # not a valid repo id
+            except ValueError:  # huggingface_hub's HFValidationError: not a valid repo id
                 return []
             if isinstance(hit, str):
                 return [Path(hit)]

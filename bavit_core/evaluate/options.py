@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..detection.pruned import LAYOUTS, TREATMENTS
-from ..detection.selection import POLICIES, SELECTORS
+from ..detection.pruned import LAYOUTS
+from ..detection.treatments import TREATMENTS, get_treatment
+from ..detection.selection import POLICIES
+from .selectors import PRUNING_SELECTORS, SELECTORS, selectors_available  # noqa: F401 (SELECTORS re-exported)
 from ..runtime.errors import OptionError
-from ..runtime.fileio import refuse_output_over_inputs
+from ..runtime.fileio import check_output_writable, refuse_output_over_inputs
 from ..runtime.options import check_option_values
 
 
@@ -83,33 +85,54 @@ class PruneEvalOptions:
     treatments_for: list[str] | None = None  # selectors swept over every treatment; others get the first
     runtime: str = "torch"  # or "onnx": BAViT and the detector run from --exported graphs in ONNX Runtime
     exported: str | None = None
+    latency_budget_ms: float | None = None  # add the target whose measured latency (from --speed) meets it
+    speed: str | None = None  # a directory from bavit bench
+    latency_budget: dict | None = None  # how the budget was resolved (set by apply_latency_budget)
 
 
 def selectors_for(opts: PruneEvalOptions) -> list[str]:
-    allowed = ["dense"]
-    if opts.model:
-        allowed += ["bavit", "random"]
-    if opts.labels:
-        allowed.append("oracle")
-    if opts.selectors is None:
-        return [s for s in SELECTORS if s in allowed]
-    for s in opts.selectors:
-        if s not in SELECTORS:
-            raise OptionError(f"unknown selector {s!r}; choose from {', '.join(SELECTORS)}")
-        if s not in allowed:
-            need = "--labels" if s == "oracle" else "--model"
-            raise OptionError(f"selector {s!r} needs {need}")
-    return list(dict.fromkeys(opts.selectors))
+    """The selectors this run makes rows for (the registry's, where their needs are met)."""
+    return selectors_available({"--model": bool(opts.model), "--labels": bool(opts.labels)}, opts.selectors)
+
+
+def apply_latency_budget(opts: PruneEvalOptions) -> dict | None:
+    """``--latency-budget MS --speed DIR``: the lowest sparsity whose end-to-end latency
+    on bench's curve (this run's runtime, dtype, batch size and first treatment; BAViT
+    included when the bench had one) meets the budget joins ``opts.sparsities`` (the only
+    target when none were given). Resolved once; returns what was picked (None without a
+    budget); an error when no measured sparsity meets it."""
+    if opts.latency_budget_ms is None and opts.speed is None:
+        return None
+    if opts.latency_budget_ms is None or opts.speed is None:
+        raise OptionError("--latency-budget and --speed go together (--speed: the directory from bavit bench)")
+    if opts.latency_budget is not None:
+        return opts.latency_budget
+    from .speedcurve import curves, pick_curve, read_speed, sparsity_for_budget
+
+    if opts.postprocess_steps:
+        raise OptionError("--latency-budget adds a target sparsity, which --postprocess-steps does not work with")
+
+    c = pick_curve(curves(read_speed(opts.speed)), opts.speed, opts.runtime, opts.dtype, opts.batch_size,
+                   opts.pruned_tokens[0] if opts.pruned_tokens else "drop")
+    pick = sparsity_for_budget(c, float(opts.latency_budget_ms), opts.speed)
+    opts.sparsities = sorted(set(opts.sparsities or []) | {pick.sparsity})
+    opts.latency_budget = {"budget_ms": float(opts.latency_budget_ms), "sparsity": pick.sparsity,
+                           "curve_latency_ms": pick.latency_ms, "curve": c.label, "device": c.device,
+                           "end_to_end": c.has_bavit, "speed": str(opts.speed)}
+    return opts.latency_budget
 
 
 def check_options(opts: PruneEvalOptions) -> None:
-    """Every option checked before any work (an --out over an input included)."""
+    """Every option checked before any work (an --out over an input included); a latency
+    budget is resolved last, into a target sparsity."""
     check_option_values(opts.device, {"resample": (opts.resample, ("nearest", "any")),
                                       "layout": (opts.layout, LAYOUTS)},
                         batch_size=(opts.batch_size, 1), max_images=(opts.max_images, 1),
                         timing_images=(opts.timing_images, 0), timing_repeats=(opts.timing_repeats, 1),
                         postprocess_steps=(opts.postprocess_steps, 0))
-    refuse_output_over_inputs(opts.out, [opts.root, opts.ann, opts.images, opts.labels, opts.model], is_dir=True)
+    refuse_output_over_inputs(opts.out, [opts.root, opts.ann, opts.images, opts.labels, opts.model, opts.speed],
+                              is_dir=True)
+    check_output_writable(opts.out)
     if opts.dtype not in ("fp32", "bf16", "fp16"):
         raise OptionError("--dtype must be fp32, bf16 or fp16")
     if opts.policy not in POLICIES:
@@ -121,15 +144,16 @@ def check_options(opts: PruneEvalOptions) -> None:
         if not opts.sparsities:
             raise OptionError("--sparsities is empty")
     treatments = list(dict.fromkeys(opts.pruned_tokens))
-    bad = [t for t in treatments if t not in TREATMENTS]
-    if bad or not treatments:
-        raise OptionError(f"unknown --pruned-tokens {bad[0] if bad else ''!r}; choose from {', '.join(TREATMENTS)}")
+    if not treatments:
+        raise OptionError(f"--pruned-tokens is empty; choose one of {', '.join(TREATMENTS)}")
+    for t in treatments:
+        get_treatment(t)
     if opts.treatments_for is not None and not opts.treatments_for:
         raise OptionError("--treatments-for is empty; name selectors (e.g. bavit) or leave it out")
     for s in opts.treatments_for or []:
-        if s not in SELECTORS or s == "dense":
-            raise OptionError(f"unknown --treatments-for selector {s!r}; choose from "
-                              f"{', '.join(x for x in SELECTORS if x != 'dense')}")
+        if s not in PRUNING_SELECTORS:
+            raise OptionError(f"unknown --treatments-for selector {s!r}; choose one of {', '.join(PRUNING_SELECTORS)}")
     if opts.runtime == "onnx" and treatments != ["drop"]:
         raise OptionError("--runtime onnx evaluates the exported graphs, which drop pruned tokens: "
                           "use --pruned-tokens drop")
+    apply_latency_budget(opts)

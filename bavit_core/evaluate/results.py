@@ -76,6 +76,7 @@ def _write_results(out: Path, results, rows, opts, aset, ids, missing, det, bavi
         "bavit": asdict(bavit.cfg) if bavit else None,
         "n_images": len(ids),
         "missing_images": len(missing),
+        "skipped_annotations": dict(sorted(aset.skipped.items())),
         "rows": [r.name for r in rows],
         "per_image_sparsity": {r.name:
                                np.round(1 - Grids.of(r.keep).means(), 4).tolist() for r in rows},

@@ -10,9 +10,11 @@ import numpy as np
 import torch
 
 from ..data.images import to_input
+from ..data.ragged import Grids
 from ..detection.pruned import pruned_forward
 from .batches import batch_inputs
-from .timing import NOISY_SPREAD, drift, peak_memory_mb, spread, time_round_robin
+from .batches import take
+from .timing import drift, is_noisy, peak_memory_mb, spread, time_round_robin
 
 
 def autocast_args(device, dtype) -> dict:
@@ -34,7 +36,8 @@ NO_TIMING = {"latency_ms": float("nan"), "latency_spread": float("nan"), "throug
 def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tick, proto) -> tuple[list[dict], dict]:
     """Dense YOLOS (once), BAViT (once, when a row uses it) and every row's pruned YOLOS on
     the first timing images, round robin over ``timing_repeats`` rounds after one warm-up
-    round. Per row: medians per image, spreads (IQR / median) and the noisy flag; per run:
+    round; rows whose timed images keep the same token counts under the same treatment
+    are one workload, timed once. Per row: medians per image, spreads (IQR / median) and the noisy flag; per run:
     the dense reference's samples and drift. Dense is transformers' own model, image by
     image for a batch of images of different sizes (the checkpoint's protocol), as its
     users would run it (its processor pads a batch with zeros, which YOLOS does not mask)."""
@@ -55,14 +58,19 @@ def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tic
             xbs = [xb.to(dtype) for xb in xbs]
         fns["bavit"] = lambda: _bavit(bavit, xbs, ac)
         warm["bavit"] = lambda: _bavit(bavit, xbs[:1], ac)
-    keeps = {}
+    workload, names = {}, {}  # row index → the name of its timed detector work; work → name
     for k, row in enumerate(rows):
         if row.selector == "dense":
             continue
-        keeps[k] = [batch_inputs(det_u8, row.keep, slice(s, min(s + bs, n_t)), proto, device, dtype)[1]
-                    for s in range(0, n_t, bs)]
-        fns[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs, ks, layout, ac, t)
-        warm[f"row{k}"] = lambda ks=keeps[k], t=row.treatment: _pruned(det, xs[:1], ks[:1], layout, ac, t)
+        key = _workload_key(row, n_t)  # rows keeping the same counts (random beside bavit): timed once
+        name = names.setdefault(key, f"row{k}")
+        workload[k] = name
+        if name in fns:
+            continue
+        ks = [batch_inputs(det_u8, row.keep, slice(s, min(s + bs, n_t)), proto, device, dtype)[1]
+              for s in range(0, n_t, bs)]
+        fns[name] = lambda ks=ks, t=row.treatment: _pruned(det, xs, ks, layout, ac, t)
+        warm[name] = lambda ks=ks, t=row.treatment: _pruned(det, xs[:1], ks[:1], layout, ac, t)
     total = (opts.timing_repeats + 2) * len(fns)
     samples = time_round_robin(fns, device, repeats=opts.timing_repeats, warmup=1, tick=lambda: tick(1, total),
                                warmup_fns=warm)
@@ -80,21 +88,29 @@ def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tic
         if row.selector == "dense":
             det_s = full = d
         else:
-            det_s = per_img(samples[f"row{k}"])
+            det_s = per_img(samples[workload[k]])
             full = det_s + b if (row.selector == "bavit" and b is not None) else det_s
         lat = float(np.median(full))
         lat_spread = spread(full)
-        noisy = bool(max(np.nan_to_num(lat_spread), np.nan_to_num(d_spread), np.nan_to_num(d_drift)) > NOISY_SPREAD)
+        noisy = is_noisy(lat_spread, d_spread, d_drift)
         out.append({
             "latency_ms": 1000 * lat, "latency_spread": lat_spread, "throughput_ips": 1.0 / lat,
             "dense_latency_ms": 1000 * d_med, "dense_spread": d_spread,
             "speedup": d_med / lat, "detector_speedup": d_med / float(np.median(det_s)),
-            "peak_mem_mb": peaks.get("dense" if row.selector == "dense" else f"row{k}", float("nan")),
+            "peak_mem_mb": peaks.get("dense" if row.selector == "dense" else workload[k], float("nan")),
             "timing_noisy": noisy,
         })
     run = {"dense_drift": d_drift, "dense_samples_ms": [1000 * v for v in d.tolist()],
            "dense_peak_mem_mb": peaks.get("dense"), "timing_seconds": time.perf_counter() - t0}
     return out, run
+
+
+def _workload_key(row, n_t: int):
+    """What a row's timed detector call depends on: its treatment and how many tokens each
+    timed image keeps (which tokens does not change the work), so a random row costs what
+    the BAViT row it copies the counts of costs."""
+    kept = Grids.of(take(row.keep, np.arange(n_t))).sums()
+    return row.treatment, tuple(int(v) for v in kept)
 
 
 def _dense(det, xs, ac):

@@ -18,7 +18,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..bavit.inference import infer_probs
 from ..bavit.model import load_bavit
 from ..data import open_dataset
 from ..data.images import decode_for_detector, resolve_paths
@@ -26,11 +25,11 @@ from ..data.ragged import Grids
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
 from ..detection.cocoeval import (category_map_for, coco_ground_truth, detections_from_outputs,
                                   evaluate_many, read_category_map)
-from ..detection.pruned import pruned_forward
-from ..detection.selection import (bavit_keep, bavit_priority, dense_keep, oracle_keep, oracle_priority, random_keep,
-                                   select_target, sparsity_stats)
+from ..detection.selection import oracle_keep, oracle_priority, sparsity_stats
 from ..detection.protocol import input_protocol
 from ..detection.yolos import load_detector
+from ..detect.point import OperatingPoint
+from ..detect.predictor import PrunedDetector
 from ..labels import read_labels
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist
@@ -38,7 +37,8 @@ from ..runtime.errors import InputFileError, OptionError
 from .batches import batch_inputs, take
 from .results import CSV_COLUMNS, read_results, row_name, write_results
 from .options import PruneEvalOptions, check_options, parse_sparsities, parse_thresholds, selectors_for
-from .speed import autocast_args, device_name, time_rows
+from .selectors import RowInputs, build_rows
+from .speed import device_name, time_rows
 from .timing import machine_load
 
 __all__ = ["CSV_COLUMNS", "PruneEvalOptions", "STAGES", "parse_sparsities", "parse_thresholds", "prune_eval",
@@ -121,6 +121,11 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     ps = det.config.patch_size
     bavit = load_bavit(opts.model, device=device) if opts.model else None
     onnx_rt = _onnx_runtime(opts, det, proto.size, bavit, device)
+    # every row runs through the PrunedDetector ``bavit detect`` runs: BAViT, the operating
+    # point's token selection and the pruned forward are one piece of code
+    engine = PrunedDetector(det, bavit, proto, OperatingPoint(dense=True), device=device, dtype=dtype, layout=layout,
+                            batch_size=opts.batch_size, resample=opts.resample,
+                            postprocess_steps=opts.postprocess_steps, seed=opts.seed, onnx=onnx_rt)
 
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
     cat_map = category_map_for(aset, det.config.id2label,
@@ -156,9 +161,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         if bavit is None:
             return None, shapes
         stage("BAViT")  # probabilities once per image; every rank needs all of them (calibration)
-        if onnx_rt is not None:
-            return onnx_rt.bavit_probs(stores[1], opts.batch_size, tick), shapes
-        return infer_probs(bavit, stores[1], opts.batch_size, device, tick), shapes
+        return engine.bavit_probs(stores[1], tick), shapes
 
     parts = dist.run_shard(decode_and_bavit)
     probs = None if bavit is None else np.concatenate([q[0] for q in parts])
@@ -176,7 +179,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     bav_timed = None if bavit is None else stores[1][:n_timed]  # the BAViT inputs evaluation saw
     det_timed = det_u8[:n_timed]
 
-    rows = _per_treatment(_build_rows(opts, selectors, n, dgrid, probs, oracle_prio),
+    rows = _per_treatment(_build_rows(opts, selectors, n, dgrid, probs, oracle_prio, engine),
                           list(dict.fromkeys(opts.pruned_tokens)), opts.treatments_for)
 
     # ---- detections per row (per shard, gathered in image order) ----------------------------
@@ -184,9 +187,9 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     det.to(dtype)
 
     def detect_shard():
-        return [_detect(det, take(row.keep, mine) if row.selector != "dense" else None, det_u8, ids[mine],
-                        widths[mine], heights[mine], opts.batch_size, device, dtype, layout,
-                        lambda a: tick(a, len(mine) * len(rows)), onnx_rt, row.treatment, proto) for row in rows]
+        return [engine.detect_decoded(det_u8, take(row.keep, mine) if row.selector != "dense" else None, ids[mine],
+                                      widths[mine], heights[mine], lambda a: tick(a, len(mine) * len(rows)),
+                                      treatment=row.treatment) for row in rows]
 
     per_rank = dist.run_shard(detect_shard)
     for k, row in enumerate(rows):
@@ -233,68 +236,25 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     write_results(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start,
                   run_info)
     return {"out": str(out), "rows": results, "n_images": n, "missing_images": len(missing),
-            "seconds": time.perf_counter() - t_start, "timing_noisy": any(r["timing_noisy"] for r in results),
+            "skipped": aset.skipped_summary(), "seconds": time.perf_counter() - t_start, "timing_noisy": any(r["timing_noisy"] for r in results),
             **run_info}
 
 
-def _build_rows(opts, selectors, n, dgrid, probs, oracle) -> list[Row]:
-    """Every operating point's kept tokens: thresholds as today, or target sparsities."""
-    rows: list[Row] = []
-    nan = float("nan")
-    if opts.sparsities is None:
-        thresholds = opts.thresholds
-        bav = {t: bavit_keep(probs, t, dgrid, opts.resample, opts.postprocess_steps) for t in thresholds} \
-            if probs is not None else {}
-        for sel in selectors:
-            if sel == "dense":
-                rows.append(Row("dense", nan, dense_keep(n, dgrid)))
-            elif sel == "oracle":
-                rows.append(Row("oracle", nan, oracle))
-            elif sel == "bavit":
-                rows += [Row("bavit", t, bav[t]) for t in thresholds]
-            elif sel == "random":
-                rows += [Row("random", t, random_keep(bav[t], [opts.seed, int(round(t * 1e6))])) for t in thresholds]
-        return rows
-    pol = opts.policy
-    bav = {}
+def _build_rows(opts, selectors, n, dgrid, probs, oracle, engine) -> list[Row]:
+    """Every operating point's kept tokens, from the selector registry (selectors.py):
+    thresholds, or target sparsities (BAViT's rows selected by ``engine`` at each point, as
+    ``bavit detect`` selects)."""
+    x = RowInputs(n=n, grid=dgrid, seed=opts.seed, policy=opts.policy if opts.sparsities is not None else "threshold",
+                  oracle=oracle)
     if probs is not None:
-        prio = bavit_priority(probs, dgrid, opts.resample)
-        for s in opts.sparsities:
-            keep, p_min = select_target(prio, s, pol, seed=[opts.seed, 1])
-            bav[s] = (keep, 1.0 - p_min if pol == "threshold" else nan)  # the BG-probability threshold reached
-    for sel in selectors:
-        if sel == "dense":
-            rows.append(Row("dense", nan, dense_keep(n, dgrid)))
-        elif sel == "bavit":
-            rows += [Row("bavit", bav[s][1], bav[s][0], policy=pol, target=s) for s in opts.sparsities]
-        elif sel == "oracle":
-            rows += [Row("oracle", nan, select_target(oracle, s, pol, seed=[opts.seed, 2])[0], policy=pol, target=s)
-                     for s in opts.sparsities]
-        elif sel == "random":
-            rows += [Row("random", nan, random_keep(bav[s][0], [opts.seed, int(round(s * 1e6))]), policy=pol,
-                         target=s) for s in opts.sparsities]
-    return rows
-
-
-def _detect(det, keep, det_u8, ids, widths, heights, batch_size, device, dtype, layout, tick,
-            onnx_rt=None, treatment="drop", proto=None) -> list[dict]:
-    """One row's detections over every image (``keep`` None: dense); ``onnx_rt``: run the
-    exported detector graph in ONNX Runtime instead of the PyTorch forward."""
-    out_dets = []
-    n = len(det_u8)
-    with torch.inference_mode():
-        for s in range(0, n, batch_size):
-            sl = slice(s, min(s + batch_size, n))
-            x, k = batch_inputs(det_u8, keep, sl, proto, device, dtype)
-            if onnx_rt is not None:
-                logits, boxes = onnx_rt.detect(x, k)
-            else:
-                with torch.autocast(**autocast_args(device, dtype)):
-                    out = pruned_forward(det, x, k, layout=layout, treatment=treatment)
-                logits, boxes = out.logits, out.pred_boxes
-            out_dets += detections_from_outputs(logits, boxes, ids[sl], widths[sl], heights[sl])
-            tick(sl.stop - sl.start)
-    return out_dets
+        if opts.sparsities is None:
+            x.bavit_at_threshold = {t: engine.with_point(OperatingPoint(threshold=t)).select(probs, dgrid)[0]
+                                    for t in opts.thresholds}
+        else:  # (keep, the BG-probability threshold reached over these images)
+            x.bavit_at_target = {s: engine.with_point(OperatingPoint(sparsity=s, policy=opts.policy)).select(probs, dgrid)
+                                 for s in opts.sparsities}
+    specs = build_rows(selectors, x, opts.thresholds, opts.sparsities)
+    return [Row(sel, thr, keep, policy=pol, target=tgt) for sel, thr, keep, pol, tgt in specs]
 
 
 def _onnx_runtime(opts: PruneEvalOptions, det, det_hw, bavit, device):

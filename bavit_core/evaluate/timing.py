@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -18,17 +19,49 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], device, repeats: int = 3, warmup: int = 1,
-                     tick: Callable[[], None] | None = None,
-                     warmup_fns: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of every function, ``repeats`` samples each, measured round robin:
-    each repeat calls every function once, starting one further along the list every time
-    (so no function always runs first). ``warmup`` rounds run first and are discarded
-    (calling ``warmup_fns`` where given, e.g. the same work on one batch). ``tick`` is
-    called after each warm-up round's and each timed call (progress)."""
+@dataclass
+class Samples:
+    """Repeated measurements of one function: wall-clock seconds per call and, beside
+    them, the process's CPU seconds per call (all its threads; on a shared machine CPU
+    time counts the work and not the waiting, so a load spike shows as a gap between the
+    two)."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.wall)) if self.wall else float("nan")
+
+    @property
+    def spread(self) -> float:
+        return spread(self.wall)
+
+    @property
+    def cpu_median(self) -> float:
+        return float(np.median(self.cpu)) if self.cpu else float("nan")
+
+    @property
+    def cpu_spread(self) -> float:
+        return spread(self.cpu)
+
+
+def measure(fns: dict[str, Callable[[], object]], device, repeats: int = 3, max_repeats: int | None = None,
+            target_spread: float = NOISY_SPREAD / 2, warmup: int = 1, tick: Callable[[], None] | None = None,
+            warmup_fns: dict[str, Callable[[], object]] | None = None) -> dict[str, Samples]:
+    """The toolkit's one timing loop (prune-eval's rows, ``bavit bench``, the benchmark
+    scripts): every function called once per round, round robin, each round starting one
+    further along the list (so no function always runs first), after ``warmup`` discarded
+    rounds (calling ``warmup_fns`` where given, e.g. the same work on one batch).
+
+    At least ``repeats`` rounds; with ``max_repeats`` above it, rounds continue until every
+    function's spread (IQR / median of its wall times) is at most ``target_spread`` or
+    ``max_repeats`` rounds ran: a quiet machine stops early, a noisy one buys more samples.
+    ``tick`` is called after each warm-up call and each timed call (progress)."""
     names = list(fns)
-    times = {k: [] for k in names}
+    out = {k: Samples() for k in names}
     warm = warmup_fns or fns
+    top = max(repeats, max_repeats or repeats)
     with torch.inference_mode():
         for _ in range(warmup):
             for k in names:
@@ -36,17 +69,29 @@ def time_round_robin(fns: dict[str, Callable[[], object]], device, repeats: int 
                 if tick:
                     tick()
         _sync(device)
-        for r in range(repeats):
+        for r in range(top):
+            if r >= repeats and all(s.spread <= target_spread for s in out.values()):
+                break
             for j in range(len(names)):
                 k = names[(j + r) % len(names)]
                 _sync(device)
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 fns[k]()
                 _sync(device)
-                times[k].append(time.perf_counter() - t)
+                out[k].wall.append(time.perf_counter() - t)
+                out[k].cpu.append(time.process_time() - c)
                 if tick:
                     tick()
-    return times
+    return out
+
+
+def time_round_robin(fns: dict[str, Callable[[], object]], device, repeats: int = 3, warmup: int = 1,
+                     tick: Callable[[], None] | None = None,
+                     warmup_fns: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
+    """Wall seconds per call of every function, exactly ``repeats`` samples each, measured
+    round robin by :func:`measure`."""
+    return {k: s.wall for k, s in measure(fns, device, repeats, None, warmup=warmup, tick=tick,
+                                          warmup_fns=warmup_fns).items()}
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device, repeats: int = 5, warmup: int = 2) -> dict[str, float]:
@@ -72,6 +117,12 @@ def drift(samples) -> float:
     h = len(v) // 2
     first, last = np.median(v[:h]), np.median(v[-h:])
     return float(abs(last - first) / first) if first > 0 else float("nan")
+
+
+def is_noisy(*spreads_or_drifts: float) -> bool:
+    """A timing is noisy when any of its spreads or the dense reference's drift passes
+    :data:`NOISY_SPREAD` (NaN, too few samples to tell, counts as quiet)."""
+    return bool(max([float(np.nan_to_num(v)) for v in spreads_or_drifts] or [0.0]) > NOISY_SPREAD)
 
 
 def machine_load() -> dict:
@@ -136,3 +187,44 @@ def peak_memory_mb(fn: Callable[[], object], device) -> float:
             out = fn()
         del out
         return tracker.peak / 2 ** 20
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device) -> dict:
+    """What a timing was taken on: the CPU model, cores and torch's threads, or the GPU's
+    name; torch, CUDA and onnxruntime versions (None where absent)."""
+    import platform
+
+    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "gpu": None, "onnxruntime": None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line naming the machine (for tables and figure titles)."""
+    where = info["gpu"] or f"{info['cpu']}, {info['cores']} cores, torch {info['torch_threads']} threads"
+    versions = f"torch {info['torch']}" + (f", CUDA {info['cuda']}" if info.get("gpu") else "")
+    if info.get("onnxruntime"):
+        versions += f", onnxruntime {info['onnxruntime']}"
+    return f"{where}; {versions}"

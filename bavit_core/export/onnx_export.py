@@ -25,13 +25,12 @@ from ..detection.pruned import pruned_forward
 from ..detection.selection import kept_per_image
 from ..detection.protocol import square_protocol
 from ..detection.yolos import detector_grid, load_detector
+from ..detection.treatments import EXPORTED_TREATMENTS, TREATMENTS, get_treatment  # noqa: F401
 from ..runtime.errors import BavitError, InputFileError, OptionError
-from ..runtime.fileio import atomic_write_text, sha256_file
+from ..runtime.fileio import atomic_write_text, check_output_writable, sha256_file
 from .graphs import POLICIES, BavitProbs, DenseDetector, Pipeline, PrunedDetector, reference_keep
 from .ort import FORMAT, MANIFEST, require_onnx, session
 
-TREATMENTS = ("drop", "pool", "preserve")
-EXPORTED_TREATMENTS = ("drop",)
 OPSETS = (7, 20)  # torch's TorchScript exporter; bavit.onnx needs 14 (SDPA in timm's attention)
 TOLERANCE = 1e-4
 GRAPH_FILES = ("detector.onnx", "detector_dense.onnx", "bavit.onnx", "pipeline.onnx")
@@ -66,8 +65,7 @@ def state_sha256(module: torch.nn.Module) -> str:
 
 
 def check_options(opts: ExportOptions) -> None:
-    if opts.pruned_tokens not in TREATMENTS:
-        raise OptionError(f"unknown --pruned-tokens {opts.pruned_tokens!r}; choose one of {', '.join(TREATMENTS)}")
+    get_treatment(opts.pruned_tokens)
     if opts.pruned_tokens not in EXPORTED_TREATMENTS:
         raise OptionError(f"--pruned-tokens {opts.pruned_tokens} is not exported yet (only drop); "
                           "pool and preserve run in prune-eval's PyTorch forward")
@@ -163,6 +161,7 @@ def export_onnx(opts: ExportOptions, progress: Callable[[str], None] | None = No
     """Export, verify in ONNX Runtime, write the manifest. Returns a summary dict."""
     require_onnx()
     check_options(opts)
+    check_output_writable(opts.out, in_place=True)  # export fills an existing --out in place
     say = progress or (lambda s: None)
     t0 = time.perf_counter()
     det = load_detector(opts.detector)

@@ -9,7 +9,6 @@ the run directory itself (so ``prune-eval --detector RUN`` loads it), last in ``
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -31,31 +30,28 @@ from ..detection.protocol import InputProtocol, square_protocol, write_processor
 from ..detection.yolos import (detector_grid, init_encoder_from_bavit, init_new_yolos,
                                load_detector, tiny_yolos_config)
 from ..runtime.devices import resolve_device
-from ..runtime.distributed import Dist, epoch_order
-from ..runtime.errors import InputFileError, OptionError, TrainingDiverged
-from ..runtime.fileio import (atomic_path, atomic_write_text, check_new_run_dir, read_training_state,
-                               refuse_output_over_inputs, resolve_input_paths)
+from ..engine.loop import LoopOptions, fit, steps_per_epoch
+from ..engine.rundir import METRICS_FILE, STATE_FILE, RunDir, check_inputs_unchanged, input_hashes
+from ..engine.schedule import lr_factor
+from ..runtime.distributed import Dist
+from ..runtime.errors import InputFileError, OptionError
+from ..runtime.fileio import (atomic_write_text, check_new_run_dir, check_output_writable, refuse_output_over_inputs,
+                              resolve_input_paths)
+from ..runtime.typed import load_typed, read_json_object
 from .data import FinetuneData, keep_selector, label_map_for, make_batch, prepare
 from .dense_aux import dense_aux_loss
 from .options import SELECTORS, FinetuneOptions
 
 __all__ = ["SELECTORS", "FinetuneOptions", "finetune", "evaluate_map"]
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
 OPTIONS_FILE = "finetune.json"
 
 
 def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None, size=None):
     from transformers import YolosForObjectDetection
 
-    if resume_dir is not None:  # the architecture; state.pt then sets the weights
-        for d in (resume_dir / "last", resume_dir):
-            if (d / "config.json").is_file():
-                try:
-                    return YolosForObjectDetection.from_pretrained(str(d), attn_implementation="sdpa").to(device)
-                except Exception:  # a kill while saving: try the other copy, or rebuild
-                    continue
+    if resume_dir is not None:  # the architecture; state.pt then sets every weight
+        return _architecture_of(resume_dir).to(device)
     if opts.from_scratch:
         lm = label_map_for(aset)
         n_labels = max(lm.values()) + 1
@@ -79,15 +75,29 @@ def _build_model(opts: FinetuneOptions, aset, device, resume_dir: Path | None, s
     return model
 
 
+def _architecture_of(run: Path):
+    """An interrupted run's detector, built from the config.json it saved (in ``last/`` or
+    the run directory; each is written whole by an atomic replace)."""
+    from transformers import YolosConfig, YolosForObjectDetection
+
+    problems = []
+    for d in (run / "last", run):
+        p = d / "config.json"
+        if not p.is_file():
+            continue
+        try:
+            cfg = YolosConfig.from_json_file(str(p))
+        except (OSError, ValueError, TypeError) as exc:
+            problems.append(f"{p}: {type(exc).__name__}")
+            continue
+        return YolosForObjectDetection._from_config(cfg, attn_implementation="sdpa")
+    raise InputFileError(run / "last" / "config.json", "cannot resume: no readable detector config.json in the run "
+                         + (f"({'; '.join(problems)})" if problems else "or its last/") + "; start again with --overwrite")
+
+
 def _lr_factor(opts: FinetuneOptions, step: int, steps_per_epoch: int) -> float:
-    warm = opts.warmup_epochs * steps_per_epoch
-    if warm > 0 and step < warm:
-        return (step + 1) / warm
-    if opts.schedule == "step":
-        return opts.gamma ** ((step // steps_per_epoch) // opts.step_size)
-    total = opts.epochs * steps_per_epoch
-    t = (step - warm) / max(total - warm, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+    return lr_factor(opts.schedule, step, steps_per_epoch, opts.epochs, opts.step_size, opts.gamma,
+                     opts.warmup_epochs)
 
 
 @torch.no_grad()
@@ -127,57 +137,47 @@ def _save_hf(model, dest: Path, proto: InputProtocol):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_state(path: Path) -> dict:
-    return read_training_state(path, ("epoch", "best", "best_epoch", "optimizer", "model", "rows", "torch_rng"))
+# what --overwrite replaces: the engine's files, the options, and the detectors (HF layout)
+RUN_FILES = (STATE_FILE, METRICS_FILE, OPTIONS_FILE, "config.json", "model.safetensors", "pytorch_model.bin",
+             "preprocessor_config.json", "generation_config.json", "last")
 
 
-class _FinetuneFiles:
-    """The run directory, written so a kill anywhere leaves a resumable run: ``state.pt``
-    (weights, optimizer, RNG, rows, best epoch) is the commit point, written first and
-    atomically; the HF files of the best (run dir) and last (``last/``) detector and
-    ``metrics.jsonl`` are derived from it and rewritten from it on resume. A fresh run
-    creates its files at its first commit, so a failed start leaves nothing behind."""
+def _derive(out: Path, proto: InputProtocol, model, rows, epoch, selected) -> None:
+    """The detectors of the run from the state of ``epoch``: the selected one in the run
+    directory itself (so ``--detector RUN`` loads it), the last in ``last/``."""
+    if selected:
+        _save_hf(model, out, proto)
+    _save_hf(model, out / "last", proto)
+    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
-    def __init__(self, out: Path, proto: InputProtocol):
-        self.proto = proto
-        self.out, self.options = out, None
 
-    def commit(self, model, optim, epoch, best, best_epoch, rows):
-        if self.options is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / STATE_FILE).unlink(missing_ok=True)  # --overwrite: the old run stops being resumable
-            self.options()
-            self.options = None
-        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        with atomic_path(self.out / STATE_FILE) as tmp:
-            torch.save({"epoch": epoch, "best": best, "best_epoch": best_epoch, "optimizer": optim.state_dict(),
-                        "model": sd, "rows": rows, "torch_rng": torch.get_rng_state()}, tmp)
-        self.derive(model, rows, epoch, best_epoch)
-
-    def derive(self, model, rows, epoch, best_epoch):
-        if best_epoch == epoch:
-            _save_hf(model, self.out, self.proto)
-        _save_hf(model, self.out / "last", self.proto)
-        atomic_write_text(self.out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+def _inputs(opts: FinetuneOptions, aset) -> dict:
+    """The input files a resume checks for changes."""
+    return {"dataset": [str(f) for f in aset.source_files], "labels": opts.labels, "val_labels": opts.val_labels}
 
 
 def finetune(opts: FinetuneOptions, resume: bool = False, on_step: Callable[[int, int], None] | None = None,
              on_epoch: Callable[[dict], None] | None = None, overwrite: bool = False,
-             on_resume: Callable[[int, int], None] | None = None) -> dict:
+             on_resume: Callable[[int, int], None] | None = None, force: bool = False) -> dict:
+    """Fine-tune (or resume) a detector run in ``opts.out``; returns the final summary.
+
+    A fresh run refuses an ``out`` that already holds files unless ``overwrite``; a resumed
+    run refuses a dataset or labels file whose hash changed unless ``force``."""
     out = Path(opts.out)
+    saved_hashes: dict = {}
     if resume and overwrite:
         raise OptionError("--resume and --overwrite contradict each other; choose one")
     if resume:
         f = out / OPTIONS_FILE
         if not f.is_file() or not (out / STATE_FILE).is_file():
             raise InputFileError(out, "cannot resume: not an interrupted bavit finetune run (no completed epoch)")
-        try:
-            saved = json.loads(f.read_text())["options"]
-            saved["detector_size"] = tuple(saved["detector_size"]) if saved.get("detector_size") else None
-            given = opts
-            opts = FinetuneOptions(**saved)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise InputFileError(f, f"unreadable run options ({type(exc).__name__})") from None
+        run_doc = read_json_object(f, "run options")
+        if not isinstance(run_doc.get("options"), dict):
+            raise InputFileError(f, "unreadable run options: no 'options' object")
+        saved_hashes = run_doc.get("inputs_sha256") or {}
+        given = opts
+        opts = load_typed(FinetuneOptions, run_doc["options"], f, "options")
+        check_output_writable(out, in_place=True)
         if given.epochs is not None and given.epochs != opts.epochs:  # a resumed run may be extended
             if opts.schedule == "cosine":
                 raise OptionError(
@@ -197,12 +197,12 @@ def finetune(opts: FinetuneOptions, resume: bool = False, on_step: Callable[[int
     device = Dist.local_device(resolve_device(opts.device))
     dist = Dist(device)
     try:
-        return _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume)
+        return _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume, force, saved_hashes)
     finally:
         dist.close()
 
 
-def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
+def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None, force=False, saved_hashes=None):
     out = Path(opts.out)
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
     img_dir = aset.images_dir
@@ -249,102 +249,112 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None):
     val = gt = None
     if val_aset is not None:
         vkeep = keep_selector(opts, val_aset, grid, device, opts.val_labels or opts.labels)
-        vmap = label_map_for(val_aset, None if opts.from_scratch or val_aset.kind == "coco" else model.config)
+        # by name through the detector's labels (from scratch: the training split's classes), so a validation
+        # split that lacks a class maps every other class as training does
+        vmap = label_map_for(val_aset, None if val_aset.kind == "coco" else model.config)
         val = prepare(val_aset, val_idx, proto, vmap, vkeep, val_paths)
         gt = coco_ground_truth(val_aset, val.ids, vmap if val_aset.kind == "voc" else None)
 
-    n = len(train.ids)
-    per_rank = n // dist.world
-    if per_rank == 0:
-        raise OptionError(f"{n} training images cannot be shared by {dist.world} processes")
-    steps_per_epoch = math.ceil(per_rank / opts.batch_size)
-    model.train()
-    params = [q for q in model.parameters() if q.requires_grad]
-    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    start_epoch, best, best_epoch, rows = 0, float("-inf"), -1, []  # score may be -loss (no val split)
-    run = _FinetuneFiles(out, proto)
     if resume:
-        state = _load_state(out / STATE_FILE)
-        try:
-            model.load_state_dict(state["model"])
-            optim.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise InputFileError(out / STATE_FILE, f"state does not fit this run ({type(exc).__name__})") from None
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, best, best_epoch = int(state["epoch"]) + 1, float(state["best"]), int(state["best_epoch"])
-        rows = list(state["rows"])
+        check_inputs_unchanged(out, saved_hashes, _inputs(opts, aset), force)
+    trainer = _DetectorTrainer(model, train, val, gt, grid, opts, device)
+    steps_per_epoch(trainer.n_train, opts.batch_size, dist)  # refuses a split too small for the processes
+    run = RunDir(out, lambda m, rows, epoch, selected: _derive(out, proto, m, rows, epoch, selected), RUN_FILES)
+    start_epoch, sel, rows = 0, None, []
+    if resume:
+        start_epoch, sel, rows = run.resume(model, trainer.optim, opts.select)
         if dist.main:
-            run.derive(model, rows, start_epoch - 1, best_epoch)
+            run.rederive(model, rows, start_epoch - 1, sel)
         if on_resume:
             on_resume(start_epoch + 1, opts.epochs)
     else:
-        doc = {"bavit_version": __version__, "options": asdict(opts), "train_images": n,
+        doc = {"bavit_version": __version__, "options": asdict(opts), "train_images": trainer.n_train,
                "val_images": 0 if val is None else len(val.ids), "missing_images": len(missing),
                "train_sparsity": None if train.keep is None else float(1 - train.keep.mean()),
-               "input_protocol": proto.as_dict(),
+               "input_protocol": proto.as_dict(), "inputs_sha256": input_hashes(_inputs(opts, aset)),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        run.options = lambda: atomic_write_text(out / OPTIONS_FILE, json.dumps(doc, indent=2, default=str))
-    if dist.enabled:  # same starting weights everywhere
-        for q in model.state_dict().values():
-            torch.distributed.broadcast(q, 0)
+        run.first_commit = lambda: atomic_write_text(out / OPTIONS_FILE, json.dumps(doc, indent=2, default=str))
     dist.barrier()
+    loop = LoopOptions(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed, flip=opts.flip,
+                       schedule=opts.schedule, step_size=opts.step_size, gamma=opts.gamma,
+                       warmup_epochs=opts.warmup_epochs, clip_grad=opts.clip_grad, select=opts.select,
+                       diverged_hint="try a lower --lr")
+    sel, rows = fit(trainer, run, loop, dist, start_epoch, sel, rows, on_step, on_epoch)
+    chosen = next((r for r in rows if r["epoch"] == sel.selected_epoch), rows[-1] if rows else {})
+    return {"out": str(out), "epochs": opts.epochs, "select": sel.mode, "selected_epoch": sel.selected_epoch,
+            "score": trainer.score(chosen) if chosen else float("nan"), "best": sel.best, "rows": rows,
+            "train_images": trainer.n_train, "val_images": 0 if val is None else len(val.ids),
+            "world_size": dist.world, "train_sparsity": None if train.keep is None else float(1 - train.keep.mean()),
+            "skipped": "; ".join(x for x in (aset.skipped_summary(), val_aset.skipped_summary()
+                                             if val_aset is not None and val_aset is not aset else "") if x)}
 
-    for epoch in range(start_epoch, opts.epochs):
-        t0 = time.perf_counter()
-        perm, flips = epoch_order(opts.seed, epoch, n)
-        if not opts.flip:
-            flips = None
-        mine = perm[: per_rank * dist.world][dist.rank::dist.world] if dist.enabled else perm
-        sums = np.zeros(6)
-        for k, s in enumerate(range(0, len(mine), opts.batch_size)):
-            step = epoch * steps_per_epoch + k
-            for gparam in optim.param_groups:
-                gparam["lr"] = opts.lr * _lr_factor(opts, step, steps_per_epoch)
-            b = mine[s:s + opts.batch_size]
-            x, keep, targets = make_batch(train, b, flips, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                o = pruned_forward(model, x, keep, return_hidden=opts.dense_aux > 0, treatment=opts.pruned_tokens)
-            loss, parts, _ = model.loss_function(o.logits.float(), targets, device, o.pred_boxes.float(),
-                                                 model.config, None, None)
-            aux = torch.zeros((), device=device)
-            if opts.dense_aux > 0:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    aux = dense_aux_loss(model, o.last_hidden_state, targets, grid, keep)
-                loss = loss + opts.dense_aux * aux
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"training stopped: the loss became {loss.item()} at epoch {epoch + 1}, "
-                                       f"step {k + 1}; try a lower --lr")
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.average_gradients(params)
-            if opts.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, opts.clip_grad)
-            optim.step()
-            sums += [loss.item() * len(b), parts["loss_ce"].item() * len(b), parts["loss_bbox"].item() * len(b),
-                     parts["loss_giou"].item() * len(b), aux.item() * len(b), len(b)]
-            if on_step:
-                on_step(1, steps_per_epoch)
-        tot = dist.sum(sums.tolist())
-        row = {"epoch": epoch, "lr": optim.param_groups[0]["lr"], "train_loss": tot[0] / tot[5],
-               "train_loss_ce": tot[1] / tot[5], "train_loss_bbox": tot[2] / tot[5], "train_loss_giou": tot[3] / tot[5]}
+
+class _DetectorTrainer:
+    """The detector on the engine: the pruned forward of prune-eval, the DETR set loss that
+    transformers ships for YOLOS (+ the optional dense auxiliary loss), AdamW."""
+
+    def __init__(self, model, train: FinetuneData, val: FinetuneData | None, gt, grid, opts: FinetuneOptions, device):
+        self.model, self.train, self.val, self.gt, self.grid, self.opts, self.device = (
+            model, train, val, gt, grid, opts, device)
+        model.train()
+        self.params = [q for q in model.parameters() if q.requires_grad]
+        self.optim = torch.optim.AdamW(self.params, lr=opts.lr, weight_decay=opts.weight_decay)
+        self.amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.n_train = len(train.ids)
+
+    def step(self, idx, flips, dist):
+        opts, model, device = self.opts, self.model, self.device
+        x, keep, targets = make_batch(self.train, idx, flips, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
+            o = pruned_forward(model, x, keep, return_hidden=opts.dense_aux > 0, treatment=opts.pruned_tokens)
+        loss, parts = set_loss(model, o.logits.float(), o.pred_boxes.float(), targets, device, dist)
+        aux = torch.zeros((), device=device)
         if opts.dense_aux > 0:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp):
+                aux = dense_aux_loss(model, o.last_hidden_state, targets, self.grid, keep)
+            loss = loss + opts.dense_aux * aux
+        n = len(idx)
+        return loss, [loss.item() * n, parts["loss_ce"].item() * n, parts["loss_bbox"].item() * n,
+                      parts["loss_giou"].item() * n, aux.item() * n, n]
+
+    def train_row(self, tot):
+        row = {"train_loss": tot[0] / tot[5], "train_loss_ce": tot[1] / tot[5], "train_loss_bbox": tot[2] / tot[5],
+               "train_loss_giou": tot[3] / tot[5]}
+        if self.opts.dense_aux > 0:
             row["train_loss_dense_aux"] = tot[4] / tot[5]
-        if val is not None:
-            row.update({f"val_{k}": v for k, v in evaluate_map(model, val, gt, opts.batch_size, device, dist, opts.pruned_tokens).items()})
-        row["seconds"] = time.perf_counter() - t0
-        row["images_per_s"] = n / row["seconds"]
-        score = row.get("val_map", -row["train_loss"])
-        if dist.main:
-            improved = score > best
-            if improved:
-                best, best_epoch = score, epoch
-            row["best"] = improved
-            rows.append(row)
-            run.commit(model, optim, epoch, best, best_epoch, rows)
-        dist.barrier()
-        if on_epoch:
-            on_epoch(row)
-    return {"out": str(out), "epochs": opts.epochs, "best": best, "rows": rows, "train_images": n,
-            "val_images": 0 if val is None else len(val.ids), "world_size": dist.world,
-            "train_sparsity": None if train.keep is None else float(1 - train.keep.mean())}
+        return row
+
+    def validate(self, dist):
+        if self.val is None:
+            return {}
+        m = evaluate_map(self.model, self.val, self.gt, self.opts.batch_size, self.device, dist, self.opts.pruned_tokens)
+        return {f"val_{k}": v for k, v in m.items()}
+
+    def score(self, row):
+        return row.get("val_map", -row["train_loss"])
+
+
+def set_loss(model, logits, boxes, targets, device, dist: Dist):
+    """The DETR set loss transformers ships for YOLOS (Hungarian matching, CE, L1, GIoU),
+    and its parts. Under several processes each part is rescaled from this process's
+    normaliser (its box count; for CE the class-weight sum of its queries) to the global
+    one, so averaging the gradients over processes gives exactly the loss one process
+    computes on the whole batch (transformers alone would average per-process means)."""
+    loss, parts, _ = model.loss_function(logits, targets, device, boxes, model.config, None, None)
+    if not dist.enabled:
+        return loss, parts
+    cfg = model.config
+    nb = float(sum(len(t["class_labels"]) for t in targets))
+    eos = float(cfg.eos_coefficient)
+    w_ce = (logits.shape[0] * logits.shape[1] - nb) * eos + nb  # Σ class weights over this process's queries
+    tot_nb, tot_w = dist.sum([nb, w_ce])
+    s_box = dist.world * max(nb, 1.0) / max(tot_nb, 1.0)  # transformers divides by max(count, 1)
+    s_ce = dist.world * w_ce / tot_w
+    coef = {"loss_ce": 1.0, "loss_bbox": float(cfg.bbox_loss_coefficient), "loss_giou": float(cfg.giou_loss_coefficient)}
+    total = torch.zeros((), device=logits.device)
+    for k, v in parts.items():
+        base = next((c for c in coef if k == c or k.startswith(c + "_")), None)
+        if base is None:
+            continue
+        total = total + v * coef[base] * (s_ce if base == "loss_ce" else s_box)
+    return total, parts

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..detection.pruned import TREATMENTS
+from ..detection.treatments import get_treatment
 from ..runtime.errors import OptionError
 
 SELECTORS = ("none", "oracle", "bavit")
@@ -46,6 +46,7 @@ class FinetuneOptions:
     amp: bool = True
     device: str = "auto"
     max_images: int | None = None
+    select: str = "last"
     out: str = "detectors/yolos-F"
 
     def validate(self):
@@ -67,8 +68,7 @@ class FinetuneOptions:
             raise OptionError("--epochs, --batch-size and --lr must be positive")
         if self.schedule not in ("cosine", "step"):
             raise OptionError("--schedule must be cosine or step")
-        if self.pruned_tokens not in TREATMENTS:
-            raise OptionError(f"unknown --pruned-tokens {self.pruned_tokens!r}; choose one of {', '.join(TREATMENTS)}")
+        get_treatment(self.pruned_tokens)
         if not 0.0 <= self.threshold <= 1.0:
             raise OptionError(f"--threshold must be in [0, 1], got {self.threshold}")
         self._validate_ranges()
@@ -77,6 +77,7 @@ class FinetuneOptions:
         """Every remaining option checked before any work (#13)."""
         import math
 
+        from ..engine.rundir import check_select
         from ..runtime.devices import check_device_name
 
         if self.epochs < 1:
@@ -111,4 +112,5 @@ class FinetuneOptions:
             h, w = self.detector_size
             if not (0 < h <= 16384 and 0 < w <= 16384):
                 raise OptionError(f"--detector-size must be positive, got {h}x{w}")
+        check_select(self.select)
         check_device_name(self.device)

@@ -19,7 +19,7 @@ from .. import __version__
 from ..data import AnnotationSet
 from ..data.grid import CRITERIA, GridSpec, cell_pixel_counts, cell_sizes, image_box_scores
 from ..runtime.errors import InputFileError, OptionError
-from ..runtime.fileio import refuse_output_over_inputs, sha256_bytes, sha256_file
+from ..runtime.fileio import check_output_writable, refuse_output_over_inputs, sha256_bytes, sha256_file
 from .labelfile import FORMAT, threshold_scores, write_labels
 
 SOURCES = ("boxes", "masks")
@@ -126,11 +126,31 @@ def _mask_range(bounds: tuple[int, int]):
     return start, scores, ok, n_obj, issues
 
 
+# Rasterising one image's masks holds several full-size arrays (pycocotools' uint8 mask,
+# int64 pixel counts per cell): ~10 bytes a pixel, 2.5 GiB at this bound (16384 x 16384).
+MAX_MASK_PIXELS = 1 << 28
+
+
+def check_mask_sizes(aset: AnnotationSet) -> None:
+    """Refuse, before any work, an image whose declared size is too large to rasterise its
+    masks (an entry declaring 60000 x 60000 pixels would ask for 27 GiB): one error naming
+    the annotation file and the entry."""
+    pixels = aset.widths.astype(np.int64) * aset.heights.astype(np.int64)
+    big = np.flatnonzero(pixels > MAX_MASK_PIXELS)
+    if len(big):
+        i = int(big[0])
+        more = f" (and {len(big) - 1} more)" if len(big) > 1 else ""
+        raise InputFileError(aset.entry_source(i), f"image {int(aset.image_ids[i])} ({aset.file_names[i]}) declares "
+                             f"{int(aset.widths[i])}x{int(aset.heights[i])} pixels{more}, too large to rasterise "
+                             f"its masks (at most {MAX_MASK_PIXELS:,} pixels); fix its size or label from boxes")
+
+
 def compute_mask_scores(
     aset: AnnotationSet, opts: LabelOptions, workers: int = 1, progress: Progress | None = None,
     chunk: int = 256,
 ):
     """(N, gh, gw) FG pixel fractions, a success flag per image, objects per image, issues."""
+    check_mask_sizes(aset)
     n = aset.n_images
     gh, gw = opts.grid.shape
     scores = np.zeros((n, gh, gw), dtype=np.float64)
@@ -176,6 +196,7 @@ def label_dataset(
     if workers < 1:
         raise OptionError(f"--workers must be at least 1, got {workers}")
     refuse_output_over_inputs(out, list(aset.source_files) + ([aset.images_dir] if aset.images_dir else []))
+    check_output_writable(out)
     t0 = time.perf_counter()
     skipped = Counter(aset.skipped)
     n = aset.n_images

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluate.results import read_results, row_name
-from ..runtime.errors import InputFileError
+from ..runtime.errors import BavitError, InputFileError
 from ..runtime.fileio import atomic_write_text
 from . import figures
 from .page import _write_index
@@ -24,6 +24,7 @@ class ReportInputs:
     refined: str | None = None
     images: str | None = None
     finetune_run: str | None = None
+    speed: str | None = None  # bavit bench's directory: mAP against measured latency
     n_examples: int = 6
     out: str = "report"
 
@@ -35,13 +36,14 @@ def build_report(inp: ReportInputs, progress=None) -> dict:
     from dataclasses import replace
 
     from ..runtime.errors import OptionError
-    from ..runtime.fileio import atomic_dir, refuse_output_over_inputs
+    from ..runtime.fileio import atomic_dir, check_output_writable, refuse_output_over_inputs
 
     if inp.n_examples < 1:
         raise OptionError(f"--examples must be at least 1, got {inp.n_examples}")
     final = Path(inp.out)
     refuse_output_over_inputs(final, [inp.results, *inp.train_runs, inp.pred, inp.refined, inp.images,
-                                      inp.finetune_run], is_dir=True)
+                                      inp.finetune_run, inp.speed], is_dir=True)
+    check_output_writable(final)
     _check_inputs(inp)
     with atomic_dir(final, markers=("index.html",)) as tmp:
         r = _build_report(replace(inp, out=str(tmp)), progress)
@@ -52,9 +54,14 @@ def _check_inputs(inp: ReportInputs) -> None:
     """Damaged inputs of ours (results.csv without its columns, unreadable meta.json or
     metrics.jsonl) are one clean error before anything is drawn."""
     from ..runtime.errors import InputFileError
+    from ..runtime.typed import check_metric_rows
 
     for d in [r for r in (inp.results, inp.finetuned_results) if r]:
         _check_results(d)
+    if inp.speed:  # bench's speed.csv, read before anything is drawn
+        from ..evaluate.speedcurve import read_speed
+
+        read_speed(inp.speed)
     if inp.results:
         mp = Path(inp.results) / "meta.json"
         if mp.is_file():
@@ -75,6 +82,7 @@ def _check_inputs(inp: ReportInputs) -> None:
                 rows = None
             if rows is None or not all(isinstance(r, dict) and "epoch" in r for r in rows):
                 raise InputFileError(mf, "unreadable metrics.jsonl (each line must be a JSON object with an epoch)")
+            check_metric_rows(rows, mf)  # a value of the wrong type (a string accuracy) names its line and key
     for run in inp.train_runs:  # Table 1 reads a BAViT run's depth and token accuracy
         from ..bavit.runfiles import read_metrics, read_run_config
 
@@ -84,7 +92,7 @@ def _check_inputs(inp: ReportInputs) -> None:
             depth = None
         if not isinstance(depth, int) or not all("train_accuracy" in r for r in read_metrics(run)):
             raise InputFileError(run, "not a BAViT run from bavit train (no BAViT config or token accuracy in "
-                                      "its metrics); a detector run from bavit finetune goes to --finetune-run")
+                                      "its metrics); a detector run from bavit finetune goes to --detector")
 
 
 # The results.csv columns the report cannot do without
@@ -152,6 +160,8 @@ def _build_report(inp: ReportInputs, progress=None) -> dict:
             figs.append(("treatments.png", "What happens to pruned tokens",
                          "BAViT rows per treatment of the pruned tokens (drop: the paper; pool: one mean token; "
                          "preserve: frozen keys/values): mAP, and measured end-to-end speedup beside each one's FLOP ideal."))
+        if inp.speed:
+            figs.append(_latency_section(all_rows, inp.speed, out, tables))
         per = meta.get("per_image_sparsity", {})
         pick = {k: v for k, v in per.items() if k.startswith("bavit_")}
         if pick:
@@ -179,9 +189,25 @@ def _build_report(inp: ReportInputs, progress=None) -> dict:
             ms = [json.loads(x) for x in fm.read_text().splitlines() if x.strip()]
             _finetune_curve(ms, out / "finetune_curves.png")
             figs.append(("finetune_curves.png", "Detector training", "Set loss and val mAP per epoch."))
-    figs += _image_figures(inp, rows, meta, out)
+    skipped: list[str] = []
+    figs += _image_figures(inp, out)
+    if inp.results and rows:  # needs only the results and the dataset they were made on, not --pred
+        figs += _detection_figure(inp, rows, meta, out, skipped)
     _write_index(out, tables, figs, inp, meta, notes, greys)
-    return {"out": str(out), "tables": list(tables), "figures": [f[0] for f in figs]}
+    return {"out": str(out), "tables": list(tables), "figures": [f[0] for f in figs], "skipped": skipped}
+
+
+def _latency_section(rows, speed, out: Path, tables: dict) -> tuple[str, str, str]:
+    """``--speed``: every row at its measured latency on bench's curves, the Pareto front."""
+    from .latency import latency_table, map_vs_latency
+
+    t = latency_table(rows, speed)
+    atomic_write_text(out / "map_vs_latency.csv", _csv(t))
+    tables["mAP vs measured latency (bench), Pareto front marked"] = t
+    map_vs_latency(t, out / "map_vs_latency.png")
+    return ("map_vs_latency.png", "mAP vs measured latency",
+            f"Each row at the latency bench measured at its sparsity ({t[0]['bench'] if t else ''}; BAViT rows end to "
+            "end, other selectors the detector alone); the step line is the Pareto front, hollow markers lie off it.")
 
 
 def _finetune_curve(ms, path):
@@ -198,8 +224,8 @@ def _finetune_curve(ms, path):
     figures._save(fig, path)
 
 
-def _image_figures(inp: ReportInputs, rows, meta, out: Path) -> list:
-    """Overlay, sparse-image, before/after and detection figures from the prediction files."""
+def _image_figures(inp: ReportInputs, out: Path) -> list:
+    """Overlay, sparse-image and before/after figures from the prediction files."""
     from ..data.images import load_image
 
     figs = []
@@ -233,8 +259,6 @@ def _image_figures(inp: ReportInputs, rows, meta, out: Path) -> list:
                                  [p.grids[i] for i in sub], [r.grids[pos[int(p.image_ids[i])]] for i in sub],
                                  out / "postprocess.png", steps)
             figs.append(("postprocess.png", "Post-processing (paper Fig. 6)", "GT, BAViT's grid, and the refined grid."))
-    if inp.results and rows:
-        figs += _detection_figure(inp, rows, meta, out)
     return figs
 
 
@@ -256,7 +280,7 @@ def _timing_note(rows: list[dict], meta: dict) -> str:
             "their speed numbers are not reliable." + load)
 
 
-def _detection_figure(inp, rows, meta, out) -> list:
+def _detection_figure(inp, rows, meta, out, skipped: list) -> list:
     from ..data.images import load_image
 
     det_dir = Path(inp.results) / "detections"
@@ -278,7 +302,9 @@ def _detection_figure(inp, rows, meta, out) -> list:
     try:
         aset = open_dataset(opts.get("dataset", "coco"), root=opts.get("root"), split=opts.get("split"),
                             ann=opts.get("ann"), images=opts.get("images"))
-    except Exception:
+    except (BavitError, OSError, ValueError, KeyError, TypeError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        skipped.append(f"the detections figure: cannot open the dataset the results were made on ({why})")
         return []
     pos = {int(i): k for k, i in enumerate(aset.image_ids)}
     imgs, ga, gb = [], [], []

@@ -89,8 +89,9 @@ def table2_details(rows: list[dict]) -> list[dict]:
 
 
 def table1(train_runs: list[str], pred: str | None) -> list[dict]:
-    """Table-1 style token accuracy: one row per training run (best val epoch) and per
-    predictions file with GT."""
+    """Table-1 style token accuracy: one row per training run (the epoch whose weights are the
+    run's model: the last, or with ``--select best`` the best on validation, marked as chosen
+    on the split it is scored on) and per predictions file with GT."""
     from ..bavit.runfiles import read_run_config
     from ..bavit.runfiles import read_metrics
 
@@ -101,11 +102,16 @@ def table1(train_runs: list[str], pred: str | None) -> list[dict]:
         if not ms:
             continue
         key = "val_accuracy" if "val_accuracy" in ms[0] else "train_accuracy"
-        best = max(ms, key=lambda r: r[key])
+        select = (cfg.get("train") or {}).get("select", "best")  # runs before the engine kept the best epoch
+        if select == "best":
+            best = max(ms, key=lambda r: r[key])
+            how = "best epoch, chosen on this split: optimistic"
+        else:
+            best, how = ms[-1], "last epoch"
         pre = "val" if key.startswith("val") else "train"
         depth = cfg["model"]["depth"]
         rows.append({"model": {2: "BAViT-small", 10: "BAViT-large"}.get(depth, f"BAViT-d{depth}"), "depth": depth,
-                     "dataset": cfg.get("labels_meta", {}).get("dataset", "?"), "source": f"{run} ({pre}, epoch {best['epoch'] + 1})",
+                     "dataset": cfg.get("labels_meta", {}).get("dataset", "?"), "source": f"{run} ({pre}, epoch {best['epoch'] + 1}: {how})",
                      "accuracy %": _fmt(100 * best[f"{pre}_accuracy"]), "FG recall %": _fmt(100 * best[f"{pre}_recall"]),
                      "FG IoU %": _fmt(100 * best[f"{pre}_iou"])})
     if pred:

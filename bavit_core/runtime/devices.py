@@ -15,6 +15,14 @@ def check_device_name(name: str) -> None:
         raise OptionError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
 
 
+def check_device_available(name: str) -> None:
+    """Refuse, before any work, a ``--device`` this machine lacks (cuda without CUDA, an
+    absent cuda:N, mps off Apple GPUs). Imports torch only for such a device."""
+    check_device_name(name)
+    if name not in ("auto", "cpu"):
+        resolve_device(name)
+
+
 def resolve_device(name: str = "auto"):
     import torch
 

@@ -218,13 +218,49 @@ def resolve_input_paths(opts, fields: Iterable[str], hub_or_path: Iterable[str] 
             setattr(opts, k, str(Path(v).expanduser().resolve()))
 
 
+def _write_problem(d: Path) -> str | None:
+    """Why nothing can be created in the existing directory ``d`` (None: it can). Asks the
+    kernel (``access``), which knows read-only mounts and, for root, ignores mode bits."""
+    kw = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+    if os.access(d, os.W_OK | os.X_OK, **kw):
+        return None
+    with contextlib.suppress(OSError, AttributeError):
+        if os.statvfs(d).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    return "permission denied"
+
+
+def check_output_writable(out: str | os.PathLike, in_place: bool = False) -> None:
+    """Refuse, before any work, an output path nothing can be written to: the directory it
+    is created in (its nearest existing parent) must accept new files, and so must ``out``
+    itself when the command writes inside an existing directory (``in_place``: a run
+    directory, which is filled file by file). Writes nothing. A file in the way is left to
+    the writers, which name it."""
+    p = Path(out).expanduser()
+    if in_place and p.is_dir():
+        problem = _write_problem(p)
+        if problem:
+            raise InputFileError(p, f"cannot write the output here ({problem})")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return
+    problem = _write_problem(parent)
+    if problem:
+        where = "" if parent == p.parent else f" in {parent}"
+        raise InputFileError(p, f"cannot write the output here ({problem}{where})")
+
+
 def check_new_run_dir(out: Path, overwrite: bool) -> None:
-    """A fresh run's directory: a path that is no file, and empty unless ``overwrite``."""
+    """A fresh run's directory: a path that is no file, empty unless ``overwrite``, and
+    writable (checked before training, not at its first save)."""
     if out.exists() and not out.is_dir():
         raise InputFileError(out, "is a file, expected a run directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OptionError(f"{out} already holds files (a previous run?); pass --resume to continue it "
                           "or --overwrite to replace it")
+    check_output_writable(out, in_place=True)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -10,8 +10,8 @@ warm-up; each cell is the median, with its spread IQR/median. FLOP-ideal speedup
 ``detector_gflops`` dense / pruned (+ ``bavit_gflops`` for the pipeline); "share" = measured
 speedup / FLOP-ideal. A run flags itself noisy when a spread passes 10 %.
 
-``--clock cpu`` runs PyTorch and ONNX Runtime on one thread each and times the calling
-thread's CPU time (``time.thread_time``): on a machine shared with other jobs this keeps
+``--clock cpu`` runs PyTorch and ONNX Runtime on one thread each and times the process's
+CPU time (the timing loop records it beside wall time): on a machine shared with other jobs this keeps
 what they take from the figures (not their effect on caches); wall-clock latency on an
 idle machine is the figure to publish.
 """
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from dataclasses import asdict
@@ -31,23 +30,15 @@ import numpy as np
 import torch
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 3, clock=time.perf_counter) -> dict:
-    """{name: (median s, IQR/median)} calling the functions in turn."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = clock()
-            f()
-            times[k].append(clock() - t)
-    out = {}
-    for k, v in times.items():
-        q = statistics.quantiles(v, n=4)
-        med = statistics.median(v)
-        out[k] = (med, (q[2] - q[0]) / med)
-    return out
+def interleaved(fns: dict, repeats: int, warmup: int = 3, clock: str = "wall") -> dict:
+    """{name: (median s, IQR/median)}: the toolkit's one timing loop
+    (bavit_core.evaluate.timing.measure, round robin), wall or CPU time."""
+    import torch
+
+    from bavit_core.evaluate.timing import measure
+
+    s = measure(fns, torch.device("cpu"), repeats, warmup=warmup)
+    return {k: ((v.median, v.spread) if clock == "wall" else (v.cpu_median, v.cpu_spread)) for k, v in s.items()}
 
 
 def main():
@@ -56,14 +47,13 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = its default, one per core)")
     ap.add_argument("--int8", action="store_true", help="also time onnxruntime's quantize_dynamic int8 graphs")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu: one thread each, time the calling thread's CPU time")
+                    help="cpu: one thread each, time the process's CPU time")
     ap.add_argument("--keep", default=None, help="keep the exported graphs in this directory")
     a = ap.parse_args()
-    clock = time.perf_counter
-    if a.clock == "cpu":
+    clock = a.clock
+    if a.clock == "cpu":  # one thread each; process CPU time (measure's cpu samples)
         a.threads = 1
         torch.set_num_threads(1)
-        clock = time.thread_time
     import onnxruntime as ort
     from transformers import YolosForObjectDetection
 

@@ -1,135 +1,92 @@
-"""Pruned YOLOS-tiny speed per treatment of the pruned tokens vs each one's FLOP ideal, and
-end-to-end BAViT-small + pruned YOLOS.
+"""Pruned YOLOS-tiny per treatment vs its FLOP ideal, and end to end with BAViT-small: a thin
+caller of ``bavit bench`` (bavit_core.evaluate.bench.run_bench, the toolkit's one timing loop)
+on random-weight models of the real shapes (speed does not depend on the weights).
 
-    python examples/benchmarks/bench_prune.py [--repeats 7] [--sparsities 0.25,0.5,0.75,0.9]
-        [--treatments drop,pool,preserve] [--batches 1,8] [--device cpu|cuda] [--dtype fp32|bf16]
-        [--no-end-to-end]
+    python examples/benchmarks/bench_prune.py [--kept 0.75,0.5,0.25,0.1] [--treatments drop,pool,preserve]
+        [--batches 1,8] [--device cpu|cuda] [--dtype fp32|bf16] [--repeats 3] [--max-repeats 10]
+        [--threads N] [--out DIR]
 
-Random weights (speed does not depend on them), 512×512 input (32×32 = 1024 patch tokens,
-+1 CLS +100 detection tokens). Batch 1, and batch 8 whose images keep different numbers of
-tokens (sparsity spread ±0.05 around the target, clipped to [0, 0.98]). Per (batch,
-sparsity), dense HF YOLOS and the pruned forward of every treatment are timed interleaved
-in one process (2 warm-up rounds, then D, T1, T2, T3, D, T1, ... ; medians); spread =
-IQR / median of each. FLOP-ideal speedup = dense GFLOPs / the treatment's own GFLOPs
-(bavit_core.detection.accounting.detector_gflops); share = measured / ideal.
+YOLOS-tiny shape at 512×512 (1024 patch tokens), BAViT-small (2 layers, 384×384). Per batch
+size, dense, BAViT and every (treatment, kept share) are timed round robin in one process
+(a warm-up round, then rounds until every spread IQR/median ≤ 5 % or --max-repeats);
+batches mix kept counts ±0.05 around the share. Prints, per row, the measured speedup,
+the FLOP-ideal and their ratio ("share"), CPU time beside wall time, and the break-even
+sparsity; speed.csv, speed.png and meta.json land in --out.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import time
-
-import numpy as np
-import torch
+import json
+import math
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
 
 
-def interleaved(fns: dict, device, repeats: int, warmup: int = 2, clock=time.perf_counter) -> dict:
-    """Median seconds and IQR/median spread per function, called in turn."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for r in range(warmup + repeats):
-            for k, f in fns.items():
-                sync()
-                t = clock()
-                f()
-                sync()
-                if r >= warmup:
-                    times[k].append(clock() - t)
-    out = {}
-    for k, v in times.items():
-        q = np.percentile(v, [25, 50, 75])
-        out[k] = (statistics.median(v), (q[2] - q[0]) / q[1])
-    return out
+def make_models(work: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A YOLOS-tiny-shaped detector (with a square 512 processor file) and a BAViT-small run."""
+    import torch
+    from transformers import YolosForObjectDetection
+
+    from bavit_core.bavit.model import create_bavit, save_weights
+    from bavit_core.detection.yolos import init_new_yolos, tiny_yolos_config
+
+    torch.manual_seed(seed)
+    det = YolosForObjectDetection(tiny_yolos_config("tiny"))
+    init_new_yolos(det)
+    det.save_pretrained(work / "det")
+    bav = create_bavit(2)
+    (work / "run").mkdir(parents=True, exist_ok=True)
+    save_weights(bav, work / "run" / "model.safetensors")
+    (work / "run" / "config.json").write_text(json.dumps({"model": asdict(bav.cfg)}))
+    return work / "det", work / "run"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--layouts", default=None, help="comma list of pack,pad [default: pack on CPU, pad on CUDA]")
-    ap.add_argument("--sparsities", default="0.25,0.5,0.75,0.9")
+    ap.add_argument("--kept", default="0.75,0.5,0.25,0.1")
     ap.add_argument("--treatments", default="drop,pool,preserve")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--no-end-to-end", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--layout", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's]")
-    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                    help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared machine; "
-                         "with 1 thread it is the compute alone)")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--out", default=None, help="speed directory [default: a temporary one]")
     a = ap.parse_args()
+    import torch
+
+    from bavit_core.evaluate.bench import BenchOptions, parse_batch_sizes, parse_kept, run_bench
+
     if a.threads:
         torch.set_num_threads(a.threads)
-    clock = time.perf_counter if a.clock == "wall" else time.process_time
-    from transformers import YolosForObjectDetection
-
-    from bavit_core.bavit.model import create_bavit
-    from bavit_core.detection.accounting import bavit_gflops, detector_gflops
-    from bavit_core.detection.pruned import pruned_forward
-    from bavit_core.detection.yolos import tiny_yolos_config
-    from bavit_core.evaluate.timing import time_interleaved
-
-    dev = torch.device(a.device)
-    dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    layouts = (a.layouts or ("pad" if dev.type == "cuda" else "pack")).split(",")
-    treatments = a.treatments.split(",")
-    torch.manual_seed(0)
-    det = YolosForObjectDetection(tiny_yolos_config("tiny")).eval().to(dev, dt)
-    bav = create_bavit(2).eval().to(dev, dt)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; dtype {a.dtype}; repeats {a.repeats}; clock {a.clock}; "
-          f"load {os.getloadavg()[0]:.2f}")
-    print(f"{'batch':>5} {'target':>6} {'actual':>6} {'layout':>6} {'treatment':>9} {'dense ms/img':>12} {'spread':>6} "
-          f"{'pruned ms/img':>13} {'spread':>6} {'speedup':>7} {'FLOP-ideal':>10} {'share':>6}")
-    g = torch.Generator().manual_seed(1)
-    worst = 1e9
-    for b in [int(v) for v in a.batches.split(",")]:
-        x = torch.randn(b, 3, 512, 512, device=dev, dtype=dt)
-        for s in [float(v) for v in a.sparsities.split(",")]:
-            ss = [s] if b == 1 else np.clip(np.linspace(s - 0.05, s + 0.05, b), 0, 0.98)
-            keep = torch.stack([torch.rand(1024, generator=g) >= si for si in ss]).to(dev)
-            kept = keep.sum(1).cpu().numpy()
-            dense_g = detector_gflops(det.config, np.full(b, 1024), 1024)
-            for lay in layouts:
-                fns = {"dense": lambda: det(pixel_values=x)}
-                for t in treatments:
-                    fns[t] = (lambda t=t: pruned_forward(det, x, keep, layout=lay, treatment=t))
-                med = interleaved(fns, dev, a.repeats, clock=clock)
-                for t in treatments:
-                    sp = med["dense"][0] / med[t][0]
-                    ideal = dense_g / detector_gflops(det.config, kept, 1024, treatment=t)
-                    worst = min(worst, sp / ideal)
-                    print(f"{b:>5} {s:>6.2f} {1 - kept.mean() / 1024:>6.3f} {lay:>6} {t:>9} "
-                          f"{1000 * med['dense'][0] / b:>12.1f} {med['dense'][1]:>6.2f} {1000 * med[t][0] / b:>13.1f} "
-                          f"{med[t][1]:>6.2f} {sp:>7.3f} {ideal:>10.3f} {sp / ideal:>6.2f}", flush=True)
-    print(f"lowest share of the FLOP ideal: {worst:.2f}; load {os.getloadavg()[0]:.2f}")
-    if a.no_end_to_end:
-        return
-    # end to end at 35 % sparsity: BAViT-small (384) + threshold + resample + pruned YOLOS
-    print("\nend to end, 35 % sparsity (BAViT-small 384 + pruned YOLOS-tiny 512) vs dense YOLOS-tiny")
-    for b in (1, 8):
-        x = torch.randn(b, 3, 512, 512, device=dev, dtype=dt)
-        xb = torch.randn(b, 3, 384, 384, device=dev, dtype=dt)
-        ss = [0.35] if b == 1 else np.linspace(0.2, 0.5, b)
-        # a BAViT grid at 24x24 with the target sparsity, upsampled to 32x32 like prune-eval does
-        g24 = torch.stack([torch.rand(576, generator=g) >= si for si in ss]).reshape(b, 24, 24).to(dev)
-        ri = ((2 * torch.arange(32) + 1) * 24) // 64
-
-        def full():
-            p = bav.fg_prob(xb)  # the real BAViT compute; its decision is replaced by g24 for a fixed sparsity
-            k = (g24 | (p > 2)).float()[:, ri.to(dev)][:, :, ri.to(dev)].bool()
-            return pruned_forward(det, x, k, layout=layouts[0])
-
-        k32 = g24[:, ri.to(dev)][:, :, ri.to(dev)]
-        med = time_interleaved({"dense": lambda: det(pixel_values=x), "full": full,
-                                "bavit": lambda: bav.fg_prob(xb)}, dev, repeats=a.repeats)
-        flops = (detector_gflops(det.config, np.full(b, 1024), 1024) /
-                 (detector_gflops(det.config, k32.reshape(b, -1).sum(1).cpu().numpy(), 1024) + bavit_gflops(bav.cfg)))
-        print(f"batch {b}: sparsity {1 - k32.float().mean().item():.3f}  dense {1000 * med['dense'] / b:.1f} ms/img  "
-              f"BAViT {1000 * med['bavit'] / b:.1f} ms/img  BAViT+pruned {1000 * med['full'] / b:.1f} ms/img  "
-              f"throughput x{med['dense'] / med['full']:.3f}  (FLOP ratio x{flops:.3f})")
+    work = Path(tempfile.mkdtemp(prefix="bench_prune-"))
+    det, run = make_models(work)
+    r = run_bench(BenchOptions(detector=str(det), model=str(run), device=a.device, dtypes=a.dtype.split(","),
+                               batch_sizes=parse_batch_sizes(a.batches), kept=parse_kept(a.kept),
+                               pruned_tokens=a.treatments.split(","), detector_size=(a.size, a.size), layout=a.layout,
+                               repeats=a.repeats, max_repeats=a.max_repeats, out=a.out or str(work / "speed")))
+    print(f"machine: {r['machine_description']}; input {a.size}x{a.size}; noisy: {r['noisy']}")
+    print(f"{'batch':>5} {'dtype':>5} {'treatment':>9} {'sparsity':>8} {'ms/img':>8} {'spread':>6} {'CPU ms':>8} "
+          f"{'dense ms':>8} {'speedup':>7} {'FLOP-ideal':>10} {'share':>6} {'e2e':>6} {'e2e ideal':>9}")
+    worst = math.inf
+    for x in r["rows"]:
+        if x["workload"] != "pruned":
+            continue
+        share = x["detector_speedup"] / x["flop_speedup"]
+        if 0.25 - 1e-9 <= x["sparsity"] <= 0.9 + 1e-9:
+            worst = min(worst, share)
+        print(f"{x['batch_size']:>5} {x['dtype']:>5} {x['treatment']:>9} {x['sparsity']:>8.3f} {x['latency_ms']:>8.1f} "
+              f"{x['latency_spread']:>6.2f} {x['cpu_ms']:>8.1f} {x['dense_latency_ms']:>8.1f} "
+              f"{x['detector_speedup']:>6.2f}x {x['flop_speedup']:>9.2f}x {share:>6.2f} {x['speedup']:>5.2f}x "
+              f"{x['flop_speedup_end_to_end']:>8.2f}x" + (" *" if x["noisy"] else ""))
+    print(f"lowest share of the FLOP ideal at sparsity 0.25-0.9: {worst:.2f}")
+    for b in r["break_even"]:
+        print(f"break-even ({b['of']}, {b['runtime']} {b['dtype']} batch {b['batch_size']} {b['treatment']}): "
+              f"{b['break_even_sparsity']:.3f} ({b['how']})" if b["break_even_sparsity"] is not None else b)
+    print(f"wrote {r['out']}")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main():
         cases["bavit postprocess (demo)"] = ([py, "-m", "bavit_cli", "postprocess", "--pred", str(dm / "preds.parquet"),
                                               "--out", str(d / "r.parquet")], ROOT)
         cases["bavit report (demo)"] = ([py, "-m", "bavit_cli", "report", "--results", str(dm / "results"),
-                                         "--train-run", str(dm / "bavit-small"), "--pred", str(dm / "preds.parquet"),
+                                         "--model", str(dm / "bavit-small"), "--pred", str(dm / "preds.parquet"),
                                          "--out", str(d / "rep")], ROOT)
     if a.old_tree:
         for k in list(cases):

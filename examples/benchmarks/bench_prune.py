@@ -76,7 +76,7 @@ def main():
         if x["workload"] != "pruned":
             continue
         share = x["detector_speedup"] / x["flop_speedup"]
-        if 0.25 - 1e-9 <= x["sparsity"] <= 0.9 + 1e-9:
+        if 0.25 - 0.01 <= x["sparsity"] <= 0.9 + 0.01:  # the measured mean of whole-token counts
             worst = min(worst, share)
         print(f"{x['batch_size']:>5} {x['dtype']:>5} {x['treatment']:>9} {x['sparsity']:>8.3f} {x['latency_ms']:>8.1f} "
               f"{x['latency_spread']:>6.2f} {x['cpu_ms']:>8.1f} {x['dense_latency_ms']:>8.1f} "

@@ -23,6 +23,7 @@ def export(
     pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="Pruned-token treatment; only drop (the paper) is exported yet, not pool or preserve."),
     dense: bool = typer.Option(False, "--dense", help="Also export the unpruned detector (detector_dense.onnx) for comparison."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 7..20 (bavit.onnx and pipeline.onnx need 14 or more)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs each graph is checked on against torch (within 1e-4)."),
 ) -> None:
     """Export BAViT and the token-pruned YOLOS to ONNX, checked in ONNX Runtime.
 
@@ -37,7 +38,7 @@ def export(
     """
     from bavit_core.export.onnx_export import ExportOptions, export_onnx
 
-    opts = ExportOptions(detector=detector, out=str(out), model=str(model) if model else None,
+    opts = ExportOptions(detector=detector, out=str(out), seed=seed, model=str(model) if model else None,
                          detector_size=parse_size(detector_size) if detector_size else None, threshold=threshold, sparsity=sparsity,
                          policy=policy, pruned_tokens=pruned_tokens, dense=dense, opset=opset)
     show = (lambda s: err_console.print(f"[dim]exporting {s}[/]")) if err_console.is_terminal else None

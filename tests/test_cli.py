@@ -169,3 +169,32 @@ def test_old_spellings_still_work_for_one_release_and_say_so(args, flag, error, 
     code, _, err = run_cli(*args, new, value, "--out", tmp_path / "o")
     assert (code, err.strip()) == (1, f"Error: {flag} is the old name of {new}: give one of them")
     assert not (tmp_path / "o").exists()
+
+
+def test_every_option_the_library_has_is_reachable_from_its_command():
+    """Finetune's step_size, gamma, amp, flip and resample existed without flags (so
+    `--schedule step` was always 20/0.1): each command's options dataclass has a flag per field."""
+    import dataclasses
+
+    import click
+    import typer
+
+    from bavit_cli.main import app
+    from bavit_core.bavit.train import TrainOptions
+    from bavit_core.detect.run import DetectOptions
+    from bavit_core.evaluate.bench import BenchOptions
+    from bavit_core.evaluate.options import PruneEvalOptions
+    from bavit_core.export.onnx_export import ExportOptions
+    from bavit_core.finetune.options import FinetuneOptions
+
+    root = typer.main.get_command(app)
+    ctx = click.Context(root, info_name="bavit")
+    # the CLI's parameter name where it differs from the field's (a list parsed, a flag negated)
+    spelled = {"latency_budget_ms": "latency_budget", "dtypes": "dtype", "runtimes": "runtime", "overlays": "no_overlays",
+               "latency_budget": None}  # latency_budget: resolved from --latency-budget, not an input
+    for cls, cmd in ((TrainOptions, "train"), (FinetuneOptions, "finetune"), (PruneEvalOptions, "prune-eval"),
+                     (ExportOptions, "export"), (BenchOptions, "bench"), (DetectOptions, "detect")):
+        names = {p.name for p in root.get_command(ctx, cmd).params}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if spelled.get(f.name, f.name) is not None and spelled.get(f.name, f.name) not in names]
+        assert missing == [], (cmd, missing)

@@ -51,7 +51,8 @@ def bench(
         r = run_bench(opts, progress)
     print_table(summary_table(r))
     for b in r["break_even"]:
-        console.print(break_even_line(b), highlight=False, soft_wrap=True)
+        console.print(break_even_line(b) + (" (noisy timings: not to be trusted; rerun when idle)" if r["noisy"] else ""),
+                      highlight=False, soft_wrap=True)
     if r["noisy"]:
         err_console.print("Warning: timing is noisy (rows marked *): a spread or the dense drift passed 10 %. "
                           "Speedups are unreliable on a busy machine; rerun when idle or with more --max-repeats.",
@@ -84,6 +85,6 @@ def summary_table(r: dict) -> Table:
         ms = _f(row["latency_ms"], 1) + ("" if math.isnan(sp) else f"±{100 * sp:.0f}%")
         wl = row["workload"] + (f" {row['treatment']}" if row["treatment"] else "")
         t.add_row(row["runtime"], row["dtype"], str(row["batch_size"]), wl, _f(row["sparsity"]), ms,
-                  _f(row["cpu_ms"], 1), _f(row["detector_speedup"]) + "x", _f(row["speedup"]) + "x" +
-                  ("*" if row["noisy"] else ""), _f(row["flop_speedup_end_to_end"]) + "x")
+                  _f(row["cpu_ms"], 1), _f(row["detector_speedup"]) + "x" + ("*" if row["noisy"] else ""),
+                  _f(row["speedup"]) + "x" + ("*" if row["noisy"] else ""), _f(row["flop_speedup_end_to_end"]) + "x")
     return t

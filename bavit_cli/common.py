@@ -21,8 +21,19 @@ from rich.table import Table
 from bavit_core.runtime.launch import is_main_process
 from bavit_core.runtime.errors import BavitError
 
-console = Console()
-err_console = Console(stderr=True)
+def _log_width(stream) -> int | None:
+    """Off a terminal (a pipe, `| tee log`, CI) rich would cut tables and wrap lines at 80
+    columns; logs get 200 unless COLUMNS says otherwise. A terminal keeps its own width."""
+    if os.environ.get("COLUMNS"):
+        return None
+    try:
+        return None if stream.isatty() else 200
+    except (AttributeError, ValueError):
+        return 200
+
+
+console = Console(width=_log_width(sys.stdout))
+err_console = Console(stderr=True, width=_log_width(sys.stderr))
 
 
 def fail(message: str) -> None:

@@ -19,7 +19,7 @@ def export(
     detector_size: Optional[str] = typer.Option(None, "--detector-size", help="Square size the graphs are fixed to, N or HxW [default: the detector's own square size, else its processor's shortest edge (hustvl/yolos-tiny: 512), else 512]."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="pipeline.onnx keeps a token when 1 - p_fg < this [default: 0.5]."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Share of tokens pruned per image (with --policy topk)."),
-    policy: str = typer.Option("threshold", "--policy", help="threshold (--threshold) or topk (--sparsity: every image keeps ceil((1-S)*P) tokens)."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="threshold (--threshold) or topk (--sparsity: every image keeps ceil((1-S)*P) tokens) [default: topk with --sparsity, as in detect; else threshold]."),
     pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="Pruned-token treatment; only drop (the paper) is exported yet, not pool or preserve."),
     dense: bool = typer.Option(False, "--dense", help="Also export the unpruned detector (detector_dense.onnx) for comparison."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 7..20 (bavit.onnx and pipeline.onnx need 14 or more)."),
@@ -38,6 +38,8 @@ def export(
     """
     from bavit_core.export.onnx_export import ExportOptions, export_onnx
 
+    if policy is None:
+        policy = "topk" if sparsity is not None else "threshold"
     opts = ExportOptions(detector=detector, out=str(out), seed=seed, model=str(model) if model else None,
                          detector_size=parse_size(detector_size) if detector_size else None, threshold=threshold, sparsity=sparsity,
                          policy=policy, pruned_tokens=pruned_tokens, dense=dense, opset=opset)

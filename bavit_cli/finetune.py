@@ -98,7 +98,7 @@ def finetune(
             err_console.print(f"Note: {r['skipped']} (trained and validated without them)", highlight=False,
                               markup=False, soft_wrap=True)
         sp = "" if r["train_sparsity"] is None else f", training sparsity {r['train_sparsity']:.3f}"
-        console.print(f"Trained {r['epochs']} epochs on {r['train_images']} images ({r['val_images']} val){sp}. "
+        console.print(f"Trained {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''} on {r['train_images']} images ({r['val_images']} val){sp}. "
                       f"{_chosen(r)} in {r['out']} (last epoch's in {r['out']}/last).", highlight=False)
 
 

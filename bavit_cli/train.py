@@ -87,7 +87,7 @@ def train(
     if main:
         init = (f"pretrained from {summary['pretrained']} (input mean/std: {summary['normalisation']})"
                 if summary["pretrained"] else "random init (no --pretrained)")
-        console.print(f"Trained {summary['epochs']} epochs on {summary['train_images']} images "
+        console.print(f"Trained {summary['epochs']} epoch{'s' if summary['epochs'] != 1 else ''} on {summary['train_images']} images "
                       f"({summary['val_images']} val), {init}, {summary['world_size']} process(es). "
                       f"{_chosen(summary)}. Run: {summary['out']}", highlight=False)
 

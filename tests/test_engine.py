@@ -146,3 +146,12 @@ def test_finetune_says_which_annotations_it_trained_without(coco_synth, tmp_path
     notes = [x for x in err.splitlines() if x.startswith("Note: ")]
     assert notes == ["Note: skipped in instances_train2017.json: 1 annotation with category_id outside [0, 100000], "
                      "1 annotation with non-integer category_id (trained and validated without them)"], err
+
+
+def test_train_refuses_its_training_labels_as_validation_labels(labels, tmp_path):
+    code, _, err = run_cli("train", "--labels", labels / "train2017.parquet", "--val-labels",
+                           labels / "train2017.parquet", "--out", tmp_path / "r")
+    assert (code, err.strip()) == (1, "Error: --val-labels is the --labels file itself: validation would score the "
+                                      "training images; give the validation split's labels, or leave it out "
+                                      "(--val-fraction holds out a share)")
+    assert not (tmp_path / "r").exists()

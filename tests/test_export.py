@@ -229,7 +229,7 @@ def test_export_bad_input(models, tmp_path, monkeypatch):
         "cannot export bavit.onnx at opset 13: Exporting the operator 'aten::scaled_dot_product_attention'")
     assert err_of("--pruned-tokens", "pool") == ("--pruned-tokens pool is not exported yet (only drop); "
                                                  "pool and preserve run in prune-eval's PyTorch forward")
-    assert err_of("--model", run, "--sparsity", "0.3").startswith(
+    assert err_of("--model", run, "--sparsity", "0.3", "--policy", "threshold").startswith(
         "--sparsity with --policy threshold needs a calibration set")
     assert err_of("--model", run, "--policy", "topk") == "--policy topk needs --sparsity"
     assert err_of("--threshold", "0.4") == ("--threshold, --sparsity and --policy set pipeline.onnx's token "
@@ -240,7 +240,7 @@ def test_export_bad_input(models, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()  # nothing is left behind by a failed export
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert err_of() == ("ONNX export and --runtime onnx need the [onnx] extra (onnxruntime is missing): "
-                        "pip install 'bavit[onnx]' (onnx and onnxruntime)")
+                        "pip install -e \".[onnx]\" in a clone, or pip install 'bavit[onnx]' (onnx and onnxruntime)")
 
 
 @pytest.fixture(scope="module")

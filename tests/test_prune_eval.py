@@ -498,3 +498,11 @@ def test_shipped_demo_detector_real_map_values(simple_scenes, tmp_path):
     oracle = [rows[("oracle", t)] for t in ("0.3", "0.6", "0.9")]
     assert oracle == pytest.approx(ORACLE_MAPS, abs=2e-3)
     assert rows[("dense", "nan")] > oracle[0] > oracle[1] > oracle[2]
+
+
+def test_sparsities_without_a_selector_that_prunes_is_refused_not_silently_dense(setup, coco_synth, tmp_path):
+    code, _, err = run_cli("prune-eval", "--detector", setup / "det", "--root", coco_synth, "--split", "val2017",
+                           "--detector-size", "64", "--sparsities", "0.5", "--out", tmp_path / "o")
+    assert (code, err.strip()) == (1, "Error: --sparsities needs a selector that prunes: give --model (BAViT, random) "
+                                      "or --labels (oracle); with neither, only the dense row is evaluated")
+    assert not (tmp_path / "o").exists()

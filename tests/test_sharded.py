@@ -84,7 +84,13 @@ def test_predict_on_two_processes_equals_one_process(bavit_run, tmp_path):
     assert a.meta["world_size"] == 2 and b.meta["world_size"] == 1
     assert np.array_equal(a.image_ids, b.image_ids) and a.file_names == b.file_names
     assert np.array_equal(a.widths, b.widths) and np.array_equal(a.heights, b.heights)
-    assert np.array_equal(a.probs, b.probs) and np.array_equal(a.grids, b.grids) and np.array_equal(a.gt, b.gt)
+    assert np.array_equal(a.gt, b.gt)
+    # Equal up to float noise, by definition (as for prune-eval below): a torchrun rank runs with
+    # its own thread count, so sums round differently; a token's FG decision may then differ
+    # only where its probability sits on the threshold.
+    np.testing.assert_allclose(a.probs, b.probs, rtol=0, atol=1e-4)
+    near = np.abs(np.asarray(b.probs, dtype=np.float64) - 0.5) <= 1e-4
+    assert np.array_equal(np.asarray(a.grids)[~near], np.asarray(b.grids)[~near])
 
 
 def test_an_error_on_one_rank_is_one_line_from_rank_0_and_no_output(bavit_run, coco_synth, tmp_path):
@@ -147,5 +153,7 @@ def test_prune_eval_on_two_processes_equals_one_process(bavit_run, coco_synth, t
         assert np.allclose([d["bbox"] + [d["score"]] for d in two], [d["bbox"] + [d["score"]] for d in one],
                            rtol=1e-4, atol=1e-4)
     ma, mb = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("two", "one"))
-    assert ma["per_image_sparsity"] == mb["per_image_sparsity"] and ma["image_ids"] == mb["image_ids"]
+    assert ma["image_ids"] == mb["image_ids"] and ma["per_image_sparsity"].keys() == mb["per_image_sparsity"].keys()
+    for row, sp in ma["per_image_sparsity"].items():  # at most one token per image on a threshold (float noise)
+        np.testing.assert_allclose(sp, mb["per_image_sparsity"][row], rtol=0, atol=1 / 16 + 1e-9, err_msg=row)
     assert ma["world_size"] == 2 and mb["world_size"] == 1

@@ -235,6 +235,9 @@ def train_bavit(
     else:
         opts.validate()
         resolve_input_paths(opts, ("labels", "images", "val_labels", "val_images"), hub_or_path=("pretrained",))
+        if opts.val_labels and Path(opts.val_labels).resolve() == Path(opts.labels).resolve():
+            raise OptionError("--val-labels is the --labels file itself: validation would score the training images; "
+                              "give the validation split's labels, or leave it out (--val-fraction holds out a share)")
         refuse_output_over_inputs(out, [opts.labels, opts.val_labels, opts.images, opts.val_images,
                                         opts.pretrained], is_dir=True)
         check_new_run_dir(out, overwrite)

@@ -37,7 +37,7 @@ from ..runtime.errors import InputFileError, OptionError
 from .batches import batch_inputs, take
 from .results import CSV_COLUMNS, read_results, row_name, write_results
 from .options import PruneEvalOptions, check_options, parse_sparsities, parse_thresholds, selectors_for
-from .selectors import RowInputs, build_rows
+from .selectors import PRUNING_SELECTORS, RowInputs, build_rows
 from .speed import device_name, time_rows
 from .timing import machine_load
 
@@ -84,6 +84,9 @@ def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | No
     load_start = machine_load()
     check_options(opts)
     selectors = selectors_for(opts)
+    if opts.sparsities is not None and not any(s in PRUNING_SELECTORS for s in selectors):
+        raise OptionError("--sparsities needs a selector that prunes: give --model (BAViT, random) or --labels "
+                          "(oracle); with neither, only the dense row is evaluated")
     device = Dist.local_device(resolve_device(opts.device))
     layout = opts.layout or ("pad" if device.type == "cuda" else "pack")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.dtype]

@@ -12,7 +12,7 @@ import numpy as np
 from ..runtime.errors import BavitError, InputFileError, OptionError
 from ..runtime.fileio import sha256_file
 
-EXTRA_HINT = "pip install 'bavit[onnx]' (onnx and onnxruntime)"
+EXTRA_HINT = "pip install -e \".[onnx]\" in a clone, or pip install 'bavit[onnx]' (onnx and onnxruntime)"
 MANIFEST = "manifest.json"
 FORMAT = "bavit-export/1"
 

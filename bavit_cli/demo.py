@@ -39,6 +39,9 @@ def demo(
     print_table(demo_table(r))
     console.print("preserve: BAViT's tokens, the pruned ones kept as frozen keys/values (--pruned-tokens preserve)",
                   highlight=False)
+    if any(row.get("timing_noisy") for row in r["rows"]):
+        console.print("*: that row's timing was noisy (a spread or the dense drift passed 10 %); its speedups are "
+                      "unreliable on a busy machine", highlight=False)
     console.print(f"Done in {r['seconds']:.0f} s. Open {r['report']}", highlight=False)
 
 

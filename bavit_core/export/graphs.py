@@ -83,7 +83,7 @@ class _Encoder(nn.Module):
         return self.model.class_labels_classifier(d), self.model.bbox_predictor(d).sigmoid()
 
 
-class PrunedDetector(nn.Module):
+class PrunedDetectorGraph(nn.Module):
     """``forward(pixel_values (1, 3, H, W), keep (K,) int64)`` → logits (1, D, labels + 1),
     boxes (1, D, 4): YOLOS computing CLS, detection tokens and the K kept patch tokens
     (row-major indices on the detector grid, ascending)."""
@@ -120,7 +120,7 @@ class PrunedDetector(nn.Module):
         return self.enc(h, mid, slice(1, 1 + self.n_det))
 
 
-class DenseDetector(PrunedDetector):
+class DenseDetector(PrunedDetectorGraph):
     """``forward(pixel_values (N, 3, H, W))`` → logits (N, D, labels + 1), boxes (N, D, 4):
     the unpruned YOLOS at the export size, for side-by-side comparison."""
 
@@ -166,7 +166,7 @@ class Pipeline(nn.Module):
     ``fg_from_probs``). ``topk``: the ``k`` tokens of highest FG probability on the
     detector grid (ties: the lower row-major index first, as ONNX's TopK)."""
 
-    def __init__(self, bavit, detector: PrunedDetector, det_grid: tuple[int, int], policy: str,
+    def __init__(self, bavit, detector: PrunedDetectorGraph, det_grid: tuple[int, int], policy: str,
                  threshold: float | None = None, k: int | None = None):
         super().__init__()
         if policy not in POLICIES:

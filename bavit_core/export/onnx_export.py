@@ -28,7 +28,7 @@ from ..detection.yolos import detector_grid, load_detector
 from ..detection.treatments import EXPORTED_TREATMENTS, TREATMENTS, get_treatment  # noqa: F401
 from ..runtime.errors import BavitError, InputFileError, OptionError
 from ..runtime.fileio import atomic_write_text, check_output_writable, sha256_file
-from .graphs import POLICIES, BavitProbs, DenseDetector, Pipeline, PrunedDetector, reference_keep
+from .graphs import POLICIES, BavitProbs, DenseDetector, Pipeline, PrunedDetectorGraph, reference_keep
 from .ort import FORMAT, MANIFEST, require_onnx, session
 
 OPSETS = (7, 20)  # torch's TorchScript exporter; bavit.onnx needs 14 (SDPA in timm's attention)
@@ -211,7 +211,7 @@ def _write_graphs(stage: Path, opts: ExportOptions, det, size, dgrid, bavit, say
     graphs, verified = {}, {}
 
     say("detector.onnx")
-    pruned = PrunedDetector(det, size).eval()
+    pruned = PrunedDetectorGraph(det, size).eval()
     k_demo = torch.sort(torch.randperm(n_p, generator=g)[: max(1, n_p // 2)]).values
     _export(pruned, (x, k_demo), stage / "detector.onnx", ["pixel_values", "keep"], ["logits", "boxes"],
             {"keep": {0: "K"}}, opts.opset)

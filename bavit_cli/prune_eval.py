@@ -27,7 +27,8 @@ def prune_eval_cmd(
     thresholds: str = typer.Option("0.3:0.9", "--thresholds", help="BG-probability thresholds: start:stop[:step] or a,b,c."),
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help="Target mean sparsities instead of thresholds: start:stop[:step] or a,b,c (e.g. 0:0.9:0.1)."),
     policy: str = typer.Option("threshold", "--policy", help="How --sparsities are reached: threshold (one global BG threshold, per-image sparsity varies) or topk (every image keeps the same count)."),
-    selectors: Optional[str] = typer.Option(None, "--selectors", help="Comma list of dense,bavit,oracle,random [default: all the inputs allow]."),
+    selectors: Optional[str] = typer.Option(None, "--selectors", help="Comma list of dense,bavit,oracle,random,attention [default: all the inputs allow, except attention]."),
+    prune_at_layer: int = typer.Option(2, "--prune-at-layer", help="The attention selector: encoder layers run on every token before the detector keeps the patch tokens its layer-k attention from CLS and detection tokens ranks highest (topk at each --sparsities)."),
     category_map: Optional[Path] = typer.Option(None, "--category-map", help='JSON {"dataset class": "detector class"} for classes whose names differ.'),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per detector call."),
     detector_size: Optional[str] = typer.Option(None, "--detector-size", help="Square protocol: every image stretched to N or HxW (the paper's Table 2: 512) [default: the checkpoint's own protocol, from its preprocessor_config.json: hustvl/yolos-tiny keeps the aspect, shortest edge 512, longest 1333, each image on its own grid]."),
@@ -76,7 +77,7 @@ def prune_eval_cmd(
         runtime=runtime, exported=str(exported) if exported else None,
         pruned_tokens=[s.strip() for s in pruned_tokens.split(",") if s.strip()],
         treatments_for=[s.strip() for s in treatments_for.split(",") if s.strip()] if treatments_for else None,
-        latency_budget_ms=latency_budget, speed=str(speed) if speed else None,
+        latency_budget_ms=latency_budget, speed=str(speed) if speed else None, prune_at_layer=prune_at_layer,
     )
     budget = apply_latency_budget(opts)  # resolved and told before the long run
     if budget is not None and is_main_process():
@@ -112,7 +113,9 @@ def summary_table(r: dict, batch_size: int) -> Table:
         spread = row["latency_spread"]
         ms = _f(row["latency_ms"], 1) + ("" if math.isnan(spread) else f"±{100 * spread:.0f}%")
         noisy = "*" if row["timing_noisy"] else ""
-        sel = row["selector"] + ("" if row.get("treatment", "drop") == "drop" else f"/{row['treatment']}")
+        layer = row.get("prune_layer", float("nan"))
+        sel = row["selector"] + ("" if math.isnan(layer) else f"@{int(layer)}")
+        sel += "" if row.get("treatment", "drop") == "drop" else f"/{row['treatment']}"
         t.add_row(sel, point, _f(row["sparsity"]), _f(row["map"]), _f(row["map50"]),
                   _f(row["token_reduction_pct"], 1) + "%", ms, _f(row["speedup"], 2) + "x" + noisy)
     return t

@@ -223,6 +223,28 @@ class PrunedDetector:
                 progress(sl.stop - sl.start)
         return out
 
+    def detect_decoded_layered(self, det_u8, layer: int, sparsity: float, ids, widths, heights,
+                               progress: Callable[[int], None] | None = None,
+                               treatment: str | None = None) -> tuple[list[dict], list[np.ndarray]]:
+        """As :meth:`detect_decoded` for a detector that keeps its own tokens after ``layer``
+        layers (the attention selector, detection/layered.py) at target ``sparsity``: the
+        COCO result dicts and every image's kept tokens ((P_i,) bool, row-major)."""
+        from ..detection.layered import layered_forward
+
+        out, keeps = [], []
+        n = len(det_u8)
+        for s in range(0, n, self.batch_size):
+            sl = slice(s, min(s + self.batch_size, n))
+            x, _ = batch_inputs(det_u8, None, sl, self.protocol, self.device, self.dtype)
+            with torch.inference_mode(), torch.autocast(**autocast_args(self.device, self.dtype)):
+                r = layered_forward(self.detector, x, layer, sparsity=sparsity, layout=self.layout,
+                                    treatment=treatment or self.point.treatment)
+            out += detections_from_outputs(r.logits, r.pred_boxes, ids[sl], widths[sl], heights[sl])
+            keeps += [k.cpu().numpy() for k in r.keep]
+            if progress:
+                progress(sl.stop - sl.start)
+        return out, keeps
+
     # ------------------------------------------------------------------ calibration
     def calibrate(self, images, progress: Callable[[int, int], None] | None = None) -> "PrunedDetector":
         """Place a threshold-policy sparsity's threshold on ``images`` (paths, folders,

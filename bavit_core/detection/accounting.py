@@ -7,7 +7,7 @@ from .treatments import TREATMENTS, get_treatment  # noqa: F401 (TREATMENTS: nam
 
 
 def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit_tokens: int, bavit_layers: int,
-                  with_bavit: bool, treatment: str = "drop") -> dict:
+                  with_bavit: bool, treatment: str = "drop", dense_layers: int = 0) -> dict:
     """Table 2 columns, averaged over images, for one treatment of the pruned tokens.
 
     YOLOS tokens Ty = layers × patch tokens (12 × 1024 = 12288); BAViT tokens
@@ -20,17 +20,23 @@ def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit
     values (0 for drop and pool), so nothing is hidden. ``det_patches`` is one count, or
     one per image (the checkpoint's protocol: each image its own grid); the columns are
     then means over images of each image's own counts.
+
+    ``dense_layers`` = k generalises eq. 4 to selection inside the detector (the attention
+    selector, ``--prune-at-layer k``): the first k layers compute every patch token, the
+    other layers − k the kept ones: pruned_i = k·P + (layers − k)·P·(1 − s_i) (pool's token
+    and preserve's key/value-only tokens in those layers − k only).
     """
     t = get_treatment(treatment)
     s = np.asarray(sparsity, dtype=np.float64)
     ty = det_layers * np.broadcast_to(np.asarray(det_patches, dtype=np.float64), s.shape)
     tb = bavit_layers * bavit_tokens if with_bavit else 0
-    pruned = ty * (1.0 - s)
+    later = (det_layers - dense_layers) / det_layers  # the share of layers on the kept tokens only
+    pruned = ty * (1.0 - later * s)
     kv_only = np.zeros_like(s)
     if t.summary_token:
-        pruned = pruned + det_layers * (s > 0)
+        pruned = pruned + (det_layers - dense_layers) * (s > 0)
     if t.keys_values:
-        kv_only = ty * s
+        kv_only = ty * later * s
     total = pruned + tb
     return {
         "treatment": treatment,
@@ -43,12 +49,20 @@ def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit
     }
 
 
-def detector_gflops(config, kept: np.ndarray, n_patches: int, treatment: str = "drop") -> float:
+def detector_gflops(config, kept: np.ndarray, n_patches: int, treatment: str = "drop",
+                    dense_layers: int | None = None) -> float:
     """Mean GFLOPs (2 × MACs) per image of YOLOS keeping ``kept`` patch tokens, as the
     pruned forward computes them: the patch embedding of the kept patches (all patches for
     ``preserve``), the encoder on 1 + kept + detection tokens (+ the pool token for
     ``pool``; + key/value projections of the frozen pruned tokens and attention over them
-    for ``preserve``), the two 3-layer heads."""
+    for ``preserve``), the two 3-layer heads.
+
+    ``dense_layers`` = k (an int; None: tokens chosen before the detector): the detector
+    selects itself after k layers (detection/layered.py): every patch embedded, k layers on
+    1 + P + detection tokens, the scores of layer k (keys of those P + 1 + D tokens, queries
+    of CLS and the D detection tokens, their products: (P + 1 + D)·d² + (1 + D)·d² +
+    (1 + D)·(P + 1 + D)·d MACs), the other layers − k as above (pool's token and
+    preserve's frozen states taken at layer k, so no extra embedding)."""
     t = get_treatment(treatment)
     d, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     nd = config.num_detection_tokens
@@ -64,9 +78,17 @@ def detector_gflops(config, kept: np.ndarray, n_patches: int, treatment: str = "
     if t.keys_values:
         embedded = np.full_like(kept, n_patches)
         kv_only = pruned
-    embed = embedded * 3 * p * p * d
     heads = nd * (2 * (d * d) + d * (config.num_labels + 1) + 2 * (d * d) + d * 4)
-    return float(np.mean(2 * (embed + yolos_macs(n, d, mlp, layers, kv_only) + heads)) / 1e9)
+    if dense_layers is None:
+        encoder = yolos_macs(n, d, mlp, layers, kv_only)
+    else:
+        embedded = np.full_like(kept, n_patches)
+        n_all = 1 + np.full_like(kept, n_patches) + nd
+        scores = n_all * d * d + (1 + nd) * d * d + (1 + nd) * n_all * d
+        encoder = (yolos_macs(n_all, d, mlp, dense_layers) + scores
+                   + yolos_macs(n, d, mlp, layers - dense_layers, kv_only))
+    embed = embedded * 3 * p * p * d
+    return float(np.mean(2 * (embed + encoder + heads)) / 1e9)
 
 
 def bavit_gflops(cfg) -> float:

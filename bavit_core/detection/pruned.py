@@ -68,6 +68,8 @@ class PrunedOutput:
     pred_boxes: torch.Tensor  # (B, D, 4) normalised cx, cy, w, h
     last_hidden_state: torch.Tensor | None = None  # (B, 1 + P + D, C); zeros at dropped/pooled patches
     kept: torch.Tensor | None = None  # (B,) kept patch tokens per image
+    keep: list | None = None  # per image (P_i,) bool: the tokens a layered forward kept (layered.py)
+    scores: list | None = None  # per image (P_i,): the attention scores it ranked them by
 
 
 def _memo(model, name: str, params, extra, make):
@@ -193,7 +195,7 @@ def _native_ok(model, treatment: str, lengths, dtype, dev) -> bool:
             and all(layer.layernorm_before.eps == layer.layernorm_after.eps for layer in model.vit.encoder.layer))
 
 
-def _encode_native(model, h, mid, spans):
+def _encode_native(model, h, mid, spans, first_layer: int = 0):
     """YOLOS's encoder layers through torch's fused native pre-LN encoder layer (the one
     nn.TransformerEncoderLayer's inference fast path calls; one kernel per layer instead
     of ~12 ops), one image at a time: ``spans`` are the (start, length) of every image's
@@ -207,6 +209,8 @@ def _encode_native(model, h, mid, spans):
     for s, n in spans:
         x = h[s:s + n][None]
         for li, (layer, (wqkv, bqkv)) in enumerate(zip(layers, weights)):
+            if li < first_layer:
+                continue
             ln1, ln2 = layer.layernorm_before, layer.layernorm_after
             x = torch._transformer_encoder_layer_fwd(
                 x, c, heads, wqkv, bqkv, layer.attention.output.dense.weight, layer.attention.output.dense.bias,
@@ -219,16 +223,18 @@ def _encode_native(model, h, mid, spans):
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _encode(model, h, frozen, attend, mid):
-    """YOLOS's encoder layers over the computed tokens ``h`` (frozen key/value-only tokens
-    ``frozen`` or None); mid-layer position embeddings ``mid`` are added after every layer
-    but the last."""
+def _encode(model, h, frozen, attend, mid, first_layer: int = 0, stop_layer: int | None = None):
+    """YOLOS's encoder layers ``first_layer`` to ``stop_layer`` (exclusive; default all)
+    over the computed tokens ``h`` (frozen key/value-only tokens ``frozen`` or None);
+    mid-layer position embeddings ``mid`` are added after every layer but the last."""
     cfg = model.config
     layers = model.vit.encoder.layer
     c = cfg.hidden_size
     train = model.training
     p_hidden = cfg.hidden_dropout_prob if train else 0.0
     for li, (layer, (wqkv, bqkv)) in enumerate(zip(layers, _layer_weights(model))):
+        if li < first_layer or (stop_layer is not None and li >= stop_layer):
+            continue
         ln1, ln2 = layer.layernorm_before, layer.layernorm_after
         x = F.layer_norm(h, (c,), ln1.weight, ln1.bias, ln1.eps)
         qkv = F.linear(x, wqkv, bqkv)
@@ -372,9 +378,7 @@ def pruned_forward(model, pixel_values, keep=None, layout: str = "pack", return_
         raise ValueError(f"layout must be one of {LAYOUTS}")
     if treatment not in TREATMENTS:
         raise ValueError(f"treatment must be one of {TREATMENTS}")
-    cfg = model.config
-    vit = model.vit
-    ps, n_det, c = cfg.patch_size, cfg.num_detection_tokens, cfg.hidden_size
+    ps = model.config.patch_size
     if isinstance(pixel_values, (list, tuple)):
         images = list(pixel_values)
         dev = images[0].device
@@ -392,7 +396,6 @@ def pruned_forward(model, pixel_values, keep=None, layout: str = "pack", return_
             if return_hidden:
                 raise ValueError("return_hidden needs images of one size")
             tok = _embed_mixed(model, images, keeps, treatment)
-            dtype = images[0].dtype
     if not isinstance(pixel_values, (list, tuple)):
         b, _, H, W = pixel_values.shape
         p = (H // ps) * (W // ps)
@@ -403,7 +406,16 @@ def pruned_forward(model, pixel_values, keep=None, layout: str = "pack", return_
         if keep.shape[1] != p:
             raise ValueError(f"keep mask has {keep.shape[1]} tokens, the detector grid has {p}")
         tok = _embed(model, pixel_values, keep, treatment)
-        dtype = pixel_values.dtype
+    return _forward_tokens(model, tok, dev, layout, treatment, return_hidden)
+
+
+def _forward_tokens(model, tok: _Tokens, dev, layout: str, treatment: str, return_hidden: bool = False,
+                    first_layer: int = 0) -> PrunedOutput:
+    """The encoder layers from ``first_layer`` on and the heads over a packed sequence
+    ``tok`` (input embeddings, or the states after ``first_layer`` layers: ``layered.py``)."""
+    cfg = model.config
+    vit = model.vit
+    n_det, c = cfg.num_detection_tokens, cfg.hidden_size
     b = len(tok.lengths)
     lengths, fr_lengths = tok.lengths, tok.fr_lengths
     native = _native_ok(model, treatment, lengths, vit.embeddings.patch_embeddings.projection.weight.dtype, dev)
@@ -411,7 +423,7 @@ def pruned_forward(model, pixel_values, keep=None, layout: str = "pack", return_
     L = max(lengths)
     lens_t = torch.tensor(lengths, device=dev)
     starts = torch.cumsum(lens_t, 0) - lens_t  # packed
-    h, mid_g, frozen = vit.embeddings.dropout(tok.h), tok.mid, tok.frozen
+    h, mid_g, frozen = tok.h if first_layer else vit.embeddings.dropout(tok.h), tok.mid, tok.frozen
     remap = None
     if pad:  # packed rows → (B, L) slots
         img = torch.repeat_interleave(torch.arange(b, device=dev), lens_t)
@@ -433,7 +445,7 @@ def pruned_forward(model, pixel_values, keep=None, layout: str = "pack", return_
     scale = vit.encoder.layer[0].attention.attention.scaling
     p_drop = cfg.attention_probs_dropout_prob if model.training else 0.0
     if native:  # short sequences, CPU inference: fused layers image by image (layout is moot)
-        h = _encode_native(model, h, mid_g, list(zip(starts.tolist(), lengths)))
+        h = _encode_native(model, h, mid_g, list(zip(starts.tolist(), lengths)), first_layer)
     elif pad:
         h = h.view(b, L, c)
         if mid_g is not None:
@@ -465,7 +477,7 @@ def pruned_forward(model, pixel_values, keep=None, layout: str = "pack", return_
     else:  # one image, or a batch on CPU: per-image calls pad nothing
         attend = lambda qkv, kv: attend_packed(qkv, kv, lengths, fr_lengths, heads, hd, scale, p_drop)  # noqa: E731
     if not native:
-        h = _encode(model, h, frozen, attend, mid_g).reshape(total, c)
+        h = _encode(model, h, frozen, attend, mid_g, first_layer).reshape(total, c)
 
     ln = vit.layernorm
     det_idx = starts[:, None] + 1 + torch.arange(n_det, device=dev)

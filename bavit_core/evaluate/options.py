@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..detection.pruned import LAYOUTS
 from ..detection.treatments import TREATMENTS, get_treatment
 from ..detection.selection import POLICIES
-from .selectors import PRUNING_SELECTORS, SELECTORS, selectors_available  # noqa: F401 (SELECTORS re-exported)
+from .selectors import PRUNING_SELECTORS, REGISTRY, SELECTORS, selectors_available  # noqa: F401 (SELECTORS re-exported)
 from ..runtime.errors import OptionError
 from ..runtime.fileio import check_output_writable, refuse_output_over_inputs
 from ..runtime.options import check_option_values
@@ -88,6 +88,7 @@ class PruneEvalOptions:
     latency_budget_ms: float | None = None  # add the target whose measured latency (from --speed) meets it
     speed: str | None = None  # a directory from bavit bench
     latency_budget: dict | None = None  # how the budget was resolved (set by apply_latency_budget)
+    prune_at_layer: int = 2  # in-detector selectors (attention): dense layers before they choose
 
 
 def selectors_for(opts: PruneEvalOptions) -> list[str]:
@@ -153,6 +154,14 @@ def check_options(opts: PruneEvalOptions) -> None:
     for s in opts.treatments_for or []:
         if s not in PRUNING_SELECTORS:
             raise OptionError(f"unknown --treatments-for selector {s!r}; choose one of {', '.join(PRUNING_SELECTORS)}")
+    if opts.prune_at_layer < 0:
+        raise OptionError(f"--prune-at-layer must be at least 0; got {opts.prune_at_layer}")
+    in_detector = [n for n in (opts.selectors or []) if n in REGISTRY and REGISTRY[n].in_detector]
+    if in_detector and opts.sparsities is None:
+        raise OptionError(f"the {in_detector[0]} selector keeps a top share of the detector's tokens: give "
+                          "--sparsities (it has no BG-probability thresholds)")
+    if in_detector and opts.runtime == "onnx":
+        raise OptionError(f"the {in_detector[0]} selector runs in PyTorch only: leave --runtime at torch")
     if opts.runtime == "onnx" and treatments != ["drop"]:
         raise OptionError("--runtime onnx evaluates the exported graphs, which drop pruned tokens: "
                           "use --pruned-tokens drop")

@@ -20,7 +20,7 @@ from ..runtime.errors import InputFileError
 from ..runtime.fileio import atomic_dir, atomic_write_text, sha256_file
 
 CSV_COLUMNS = (
-    "selector", "threshold", "policy", "target", "treatment", "sparsity", "sparsity_p10", "sparsity_p90",
+    "selector", "threshold", "policy", "target", "treatment", "prune_layer", "sparsity", "sparsity_p10", "sparsity_p90",
     *STAT_NAMES, "bavit_tokens", "yolos_tokens", "yolos_pruned_tokens", "kv_only_tokens", "total_tokens",
     "token_reduction_pct", "gflops", "latency_ms", "latency_spread", "throughput_ips", "dense_latency_ms",
     "dense_spread", "speedup", "detector_speedup", "flop_speedup", "timing_noisy", "peak_mem_mb", "device", "dtype",
@@ -30,10 +30,13 @@ TEXT_COLUMNS = ("selector", "policy", "treatment", "device", "dtype")
 
 
 def row_name(sel: str, t: float, target: float = float("nan"), policy: str = "threshold",
-             treatment: str = "drop") -> str:
+             treatment: str = "drop", prune_layer: float = float("nan")) -> str:
     """A row's file name stem: ``bavit_0.30`` at a threshold, ``bavit_s0.35`` at a target
     sparsity (``bavit_topk_s0.35`` with the topk policy), ``dense``; suffixed ``_pool`` or
-    ``_preserve`` for those treatments of the pruned tokens."""
+    ``_preserve`` for those treatments of the pruned tokens. A selector choosing inside the
+    detector after k layers is named with its layer: ``attention@2_topk_s0.50``."""
+    if prune_layer is not None and not math.isnan(prune_layer):
+        sel = f"{sel}@{int(prune_layer)}"
     if not math.isnan(target):
         name = f"{sel}_{'topk_' if policy == 'topk' else ''}s{target:.2f}"
     else:

@@ -44,6 +44,10 @@ class Selector:
     at_thresholds: Callable[[RowInputs, list[float]], list[RowSpec]] | None = None
     at_targets: Callable[[RowInputs, list[float]], list[RowSpec]] | None = None
     prunes: bool = True  # False: its row computes every token (one row, whatever the treatments)
+    default: bool = True  # False: only when --selectors names it
+    #: it chooses inside the detector, after --prune-at-layer layers: its rows' kept tokens come from
+    #: the detector's forward (keep None in its RowSpecs), which the sweep runs per image
+    in_detector: bool = False
 
 
 def _dense(x: RowInputs, _points) -> list[RowSpec]:
@@ -76,11 +80,17 @@ def _random_tgt(x: RowInputs, ss) -> list[RowSpec]:
             for s in ss]
 
 
+def _attention_tgt(x: RowInputs, ss) -> list[RowSpec]:  # always topk: every image keeps its top share
+    return [("attention", NAN, None, "topk", s) for s in ss]
+
+
 REGISTRY: dict[str, Selector] = {s.name: s for s in (
     Selector("dense", "every token (the unpruned detector)", None, _dense, _dense, prunes=False),
     Selector("bavit", "BAViT's FG tokens (the paper)", "--model", _bavit_thr, _bavit_tgt),
     Selector("oracle", "the ground-truth FG tokens of the labels", "--labels", _oracle_thr, _oracle_tgt),
     Selector("random", "as many tokens as BAViT keeps, at random positions", "--model", _random_thr, _random_tgt),
+    Selector("attention", "the detector's own layer-k attention from CLS and detection tokens (EViT-style; "
+             "--sparsities, topk)", None, None, _attention_tgt, default=False, in_detector=True),
 )}
 SELECTORS: tuple[str, ...] = tuple(REGISTRY)
 PRUNING_SELECTORS: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if s.prunes)
@@ -88,10 +98,11 @@ PRUNING_SELECTORS: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if s.p
 
 def selectors_available(has: dict[str, bool], asked: list[str] | None) -> list[str]:
     """The selectors a run makes rows for: ``asked`` (checked), or every one whose needs
-    (``has["--model"]``, ``has["--labels"]``) are met, in registry order."""
+    (``has["--model"]``, ``has["--labels"]``) are met, in registry order (those not on by
+    default only when asked)."""
     ok = [n for n, s in REGISTRY.items() if s.needs is None or has.get(s.needs)]
     if asked is None:
-        return ok
+        return [n for n in ok if REGISTRY[n].default]
     for name in asked:
         if name not in REGISTRY:
             raise OptionError(f"unknown selector {name!r}; choose one of {', '.join(SELECTORS)}")

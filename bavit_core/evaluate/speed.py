@@ -11,6 +11,7 @@ import torch
 
 from ..data.images import to_input
 from ..data.ragged import Grids
+from ..detection.layered import layered_forward
 from ..detection.pruned import pruned_forward
 from .batches import batch_inputs
 from .batches import take
@@ -67,6 +68,10 @@ def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tic
         workload[k] = name
         if name in fns:
             continue
+        if row.prune_layer is not None:  # the detector chooses its tokens: its scoring is timed too
+            fns[name] = lambda r=row: _layered(det, xs, r.prune_layer, r.target, layout, ac, r.treatment)
+            warm[name] = lambda r=row: _layered(det, xs[:1], r.prune_layer, r.target, layout, ac, r.treatment)
+            continue
         ks = [batch_inputs(det_u8, row.keep, slice(s, min(s + bs, n_t)), proto, device, dtype)[1]
               for s in range(0, n_t, bs)]
         fns[name] = lambda ks=ks, t=row.treatment: _pruned(det, xs, ks, layout, ac, t)
@@ -106,11 +111,13 @@ def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tic
 
 
 def _workload_key(row, n_t: int):
-    """What a row's timed detector call depends on: its treatment and how many tokens each
+    """What a row's timed detector call depends on: its treatment, the layer where the
+    detector chooses its own tokens (None: chosen before it) and how many tokens each
     timed image keeps (which tokens does not change the work), so a random row costs what
-    the BAViT row it copies the counts of costs."""
+    the BAViT row it copies the counts of costs, and an attention row never shares a
+    BAViT row's timing."""
     kept = Grids.of(take(row.keep, np.arange(n_t))).sums()
-    return row.treatment, tuple(int(v) for v in kept)
+    return row.treatment, row.prune_layer, tuple(int(v) for v in kept)
 
 
 def _dense(det, xs, ac):
@@ -127,6 +134,12 @@ def _bavit(bavit, xbs, ac):
     for xb in xbs:
         with torch.autocast(**ac):
             bavit.fg_prob(xb)
+
+
+def _layered(det, xs, layer, sparsity, layout, ac, treatment="drop"):
+    for x in xs:
+        with torch.autocast(**ac):
+            layered_forward(det, x, layer, sparsity=sparsity, layout=layout, treatment=treatment)
 
 
 def _pruned(det, xs, keeps, layout, ac, treatment="drop"):

@@ -37,7 +37,7 @@ from ..runtime.errors import InputFileError, OptionError
 from .batches import batch_inputs, take
 from .results import CSV_COLUMNS, read_results, row_name, write_results
 from .options import PruneEvalOptions, check_options, parse_sparsities, parse_thresholds, selectors_for
-from .selectors import PRUNING_SELECTORS, RowInputs, build_rows
+from .selectors import PRUNING_SELECTORS, REGISTRY, RowInputs, build_rows
 from .speed import device_name, time_rows
 from .timing import machine_load
 
@@ -56,10 +56,12 @@ class Row:
     policy: str = "threshold"
     target: float = float("nan")  # target mean sparsity (NaN: a threshold row or dense/oracle as labelled)
     treatment: str = "drop"  # what happens to the pruned tokens (detection/pruned.py)
+    prune_layer: int | None = None  # the detector chooses after this many layers (keep set by its forward)
 
     @property
     def name(self) -> str:
-        return row_name(self.selector, self.threshold, self.target, self.policy, self.treatment)
+        return row_name(self.selector, self.threshold, self.target, self.policy, self.treatment,
+                        float("nan") if self.prune_layer is None else self.prune_layer)
 
 
 def _per_treatment(rows: list[Row], treatments: list[str], only: list[str] | None = None) -> list[Row]:
@@ -71,8 +73,8 @@ def _per_treatment(rows: list[Row], treatments: list[str], only: list[str] | Non
             return ["drop"]
         return treatments if only is None or sel in only else treatments[:1]
 
-    return [Row(r.selector, r.threshold, r.keep, policy=r.policy, target=r.target, treatment=t)
-            for r in rows for t in of(r.selector)]
+    return [Row(r.selector, r.threshold, r.keep, policy=r.policy, target=r.target, treatment=t,
+                prune_layer=r.prune_layer) for r in rows for t in of(r.selector)]
 
 
 def prune_eval(opts: PruneEvalOptions, progress: Callable[[int, int], None] | None = None,
@@ -121,6 +123,10 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
 
         size = tuple(read_manifest(opts.exported)["detector"]["input_size"])
     proto = input_protocol(opts.detector, tuple(size) if size else None, det.config.patch_size)
+    n_layers = det.config.num_hidden_layers
+    if any(REGISTRY[s].in_detector for s in selectors) and opts.prune_at_layer >= n_layers:
+        raise OptionError(f"--prune-at-layer {opts.prune_at_layer}: the detector has {n_layers} layers; "
+                          f"give 0 to {n_layers - 1}")
     ps = det.config.patch_size
     bavit = load_bavit(opts.model, device=device) if opts.model else None
     onnx_rt = _onnx_runtime(opts, det, proto.size, bavit, device)
@@ -189,14 +195,19 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     stage("detecting")
     det.to(dtype)
 
-    def detect_shard():
-        return [engine.detect_decoded(det_u8, take(row.keep, mine) if row.selector != "dense" else None, ids[mine],
-                                      widths[mine], heights[mine], lambda a: tick(a, len(mine) * len(rows)),
-                                      treatment=row.treatment) for row in rows]
+    def detect_row(row):  # (detections, kept tokens per image when the detector chose them, else None)
+        step = lambda a: tick(a, len(mine) * len(rows))  # noqa: E731
+        if row.prune_layer is not None:  # an in-detector selector: its forward chooses the tokens
+            return engine.detect_decoded_layered(det_u8, row.prune_layer, row.target, ids[mine], widths[mine],
+                                                 heights[mine], step, treatment=row.treatment)
+        return engine.detect_decoded(det_u8, take(row.keep, mine) if row.selector != "dense" else None, ids[mine],
+                                     widths[mine], heights[mine], step, treatment=row.treatment), None
 
-    per_rank = dist.run_shard(detect_shard)
+    per_rank = dist.run_shard(lambda: [detect_row(row) for row in rows])
     for k, row in enumerate(rows):
-        row.detections = [d for part in per_rank for d in part[k]]
+        row.detections = [d for part in per_rank for d in part[k][0]]
+        if row.prune_layer is not None:
+            row.keep = _grids_of([g for part in per_rank for g in part[k][1]], dgrid)
     if not dist.main:  # rank 0 times, evaluates and writes
         return {"out": str(opts.out), "rows": [], "n_images": n, "missing_images": len(missing), "rank": dist.rank}
 
@@ -214,13 +225,14 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         kept_i = Grids.of(row.keep).sums()
         sparsity_i = 1.0 - kept_i / n_patches
         with_bavit = row.selector == "bavit"
-        r = {"selector": row.selector, "threshold": row.threshold, "policy": row.policy, "target": row.target}
+        r = {"selector": row.selector, "threshold": row.threshold, "policy": row.policy, "target": row.target,
+             "prune_layer": float("nan") if row.prune_layer is None else float(row.prune_layer)}
         r.update(sparsity_stats(row.keep))
         r.update(stats[k])
         r.update(token_columns(sparsity_i, n_patches, det.config.num_hidden_layers,
                                bavit.cfg.n_tokens if bavit else 0, bavit.cfg.depth if bavit else 0, with_bavit,
-                               row.treatment))
-        g = detector_gflops(det.config, kept_i, n_patches, row.treatment)
+                               row.treatment, dense_layers=row.prune_layer or 0))
+        g = detector_gflops(det.config, kept_i, n_patches, row.treatment, dense_layers=row.prune_layer)
         if with_bavit:
             g += bavit_gflops(bavit.cfg)
         r["gflops"] = g
@@ -257,7 +269,17 @@ def _build_rows(opts, selectors, n, dgrid, probs, oracle, engine) -> list[Row]:
             x.bavit_at_target = {s: engine.with_point(OperatingPoint(sparsity=s, policy=opts.policy)).select(probs, dgrid)
                                  for s in opts.sparsities}
     specs = build_rows(selectors, x, opts.thresholds, opts.sparsities)
-    return [Row(sel, thr, keep, policy=pol, target=tgt) for sel, thr, keep, pol, tgt in specs]
+    return [Row(sel, thr, keep, policy=pol, target=tgt,
+                prune_layer=opts.prune_at_layer if REGISTRY[sel].in_detector else None)
+            for sel, thr, keep, pol, tgt in specs]
+
+
+def _grids_of(keeps: list, dgrid):
+    """Per-image kept tokens ((P_i,) bool, row-major) as the rows hold them: (N, gh, gw)
+    under a square protocol, else Grids on each image's own grid."""
+    if isinstance(dgrid, tuple):
+        return np.stack(keeps).reshape(len(keeps), *dgrid)
+    return Grids(np.concatenate(keeps), dgrid)
 
 
 def _onnx_runtime(opts: PruneEvalOptions, det, det_hw, bavit, device):

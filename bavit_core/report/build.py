@@ -263,7 +263,9 @@ def _image_figures(inp: ReportInputs, out: Path) -> list:
 
 
 def _row_file(r: dict) -> str:
-    return row_name(r["selector"], r["threshold"], r.get("target", float("nan")), r.get("policy", "threshold"))
+    layer = r.get("prune_layer")
+    return row_name(r["selector"], r["threshold"], r.get("target", float("nan")), r.get("policy", "threshold"),
+                    r.get("treatment") or "drop", float("nan") if layer in (None, "") else float(layer))
 
 
 def _timing_note(rows: list[dict], meta: dict) -> str:
@@ -284,7 +286,8 @@ def _detection_figure(inp, rows, meta, out, skipped: list) -> list:
     from ..data.images import load_image
 
     det_dir = Path(inp.results) / "detections"
-    bav = sorted((r for r in rows if r["selector"] == "bavit"), key=lambda r: r["sparsity"])
+    bav = sorted((r for r in rows if r["selector"] == "bavit" and (r.get("treatment") or "drop") == "drop"),
+                 key=lambda r: r["sparsity"])
     dense = [r for r in rows if r["selector"] == "dense"]
     if not bav or not (det_dir / "dense.json").is_file():
         return []

@@ -46,12 +46,8 @@ def label(
     opts = LabelOptions(source=source, criterion=criterion, tau=tau, mask_threshold=mask_threshold,
                         grid=GridSpec(ih, iw, patch_size), crowd=crowd, difficult=difficult, void=void)
     opts.validate()
-    if workers < 0:
+    if workers < 0:  # before the dataset is read; label_dataset resolves 0
         raise OptionError(f"--workers must be >= 0 (0 = automatic), got {workers}")
-    if workers == 0:
-        from bavit_core.runtime.workers import usable_cores
-
-        workers = min(4, usable_cores())
     if voc_mask not in ("object", "class"):
         raise OptionError(f"unknown --voc-mask {voc_mask!r}; choose object or class")
     refuse_output_over_inputs(out, [ann, images, root])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.images import load_images, resolve_paths, to_input
-from ..engine.loop import LoopOptions, fit, global_share, steps_per_epoch
+from ..engine.loop import LoopOptions, global_share, run_training
 from ..engine.rundir import RunDir, check_inputs_unchanged, check_select, input_hashes
 from ..labels import Labels, read_labels
 from ..runtime.devices import check_device_name, resolve_device
@@ -195,7 +195,6 @@ def _resume_state(out: Path):
     for key in ("train", "model"):
         if key not in doc:
             raise InputFileError(cfg_path, f"unreadable run config: no {key!r} section")
-    load_typed(TrainOptions, doc["train"], cfg_path, "train")
     try:
         ModelConfig.from_dict(doc["model"])
     except (ValueError, TypeError) as exc:
@@ -321,23 +320,13 @@ def _train(opts, resume, device, dist, on_step, on_epoch, on_stage, on_resume=No
         val_split = None
     amp = opts.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     trainer = _BavitTrainer(model, cfg, train_split, val_split, opts, device, amp)
-    steps_per_epoch(trainer.n_train, opts.batch_size, dist)  # refuses a split too small for the processes
     run = RunDir(out, lambda m, rows, epoch, selected: derive_files(out, m, rows, epoch, selected),
                  owned=RUN_FILES)
-    start_epoch, sel, rows = 0, None, []
-    if resume:
-        start_epoch, sel, rows = run.resume(model, trainer.optim, opts.select)
-        if dist.main:
-            run.rederive(model, rows, start_epoch - 1, sel)
-        if on_resume:
-            on_resume(start_epoch + 1, opts.epochs)
-    else:
+    if not resume:
         run.first_commit = lambda: write_config(out, opts, cfg, lab_meta, info, trainer.n_train,
                                                 0 if val_split is None else len(val_split.grids), dist.world,
                                                 input_hashes(_inputs(opts)))
-    dist.barrier()
-    sel, rows = fit(trainer, run, _loop_options(opts), dist, start_epoch, sel, rows, on_step, on_epoch)
-    chosen = next((r for r in rows if r["epoch"] == sel.selected_epoch), rows[-1] if rows else {})
+    sel, rows, chosen = run_training(trainer, run, _loop_options(opts), dist, resume, on_step, on_epoch, on_resume)
     return {"out": str(out), "epochs": opts.epochs, "select": sel.mode, "selected_epoch": sel.selected_epoch,
             "score": trainer.score(chosen) if chosen else float("nan"), "best_score": sel.best, "rows": rows,
             "train_images": trainer.n_train, "val_images": 0 if val_split is None else len(val_split.grids),

@@ -1,7 +1,6 @@
 """COCO instances JSON: images, boxes and masks (polygons, RLE compressed or not)."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -10,35 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import InputFileError
-from ..runtime.fileio import require_dir, require_file
+from ..runtime.fileio import parse_json_file, require_dir, require_file
 from .base import AnnotationSet
-
-try:  # optional speed-up: orjson parses COCO-scale files ~3x faster
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - depends on the environment
-    _orjson = None
-
-
-def parse_json_file(path: Path):
-    """Parse a JSON file; a syntax error names the file, line and column."""
-    data = path.read_bytes()
-    try:
-        if _orjson is not None:
-            return _orjson.loads(data)
-        return json.loads(data)
-    except UnicodeDecodeError as exc:
-        raise InputFileError(path, f"not UTF-8 text ({exc.reason})") from None
-    except RecursionError:
-        raise InputFileError(path, "malformed JSON (nested too deeply)") from None
-    except ValueError as exc:
-        pos = getattr(exc, "pos", None)
-        if pos is None:
-            raise InputFileError(path, f"malformed JSON ({exc})") from None
-        line = data.count(b"\n", 0, pos) + 1
-        col = pos - (data.rfind(b"\n", 0, pos) + 1) + 1
-        msg = getattr(exc, "msg", str(exc)).split(":")[0]
-        raise InputFileError(path, f"malformed JSON at line {line}, column {col}: {msg}") from None
-
 
 def coco_paths(root: Path, split: str) -> tuple[Path, Path]:
     return root / "annotations" / f"instances_{split}.json", root / split

@@ -219,6 +219,16 @@ class ImageList:
         return [tuple(self._get(k).shape[:2]) for k in range(len(self))]
 
 
+def detector_inputs(im, prepare: Callable, other_sizes: Sequence[tuple[int, int]] = ()) -> tuple:
+    """One RGB PIL image → (the detector's input through ``prepare``, a stretch-resize
+    (bilinear) to each of ``other_sizes``: BAViT's input); what every decoder here makes."""
+    from PIL import Image
+
+    full = np.asarray(im)
+    return prepare(im), [full if full.shape[:2] == tuple(hw) else np.asarray(im.resize((hw[1], hw[0]), Image.BILINEAR))
+                         for hw in other_sizes]
+
+
 def decode_for_detector(paths: Sequence[Path], prepare: Callable, fixed: tuple[int, int] | None,
                         other_sizes: Sequence[tuple[int, int]] = (), spill_dir: Path | None = None,
                         progress: Callable[[int, int], None] | None = None) -> list:
@@ -232,14 +242,13 @@ def decode_for_detector(paths: Sequence[Path], prepare: Callable, fixed: tuple[i
     others = [image_store(len(paths), hw, spill_dir) for hw in other_sizes]
     for k, path in enumerate(paths):
         full, _ = load_image_sized(path)
-        im = Image.fromarray(full)
-        x = prepare(im)
+        x, resized = detector_inputs(Image.fromarray(full), prepare, other_sizes)
         if fixed is not None and x.shape[:2] != tuple(fixed):
             raise InputFileError(path, f"the detector's processor made a {x.shape[0]}x{x.shape[1]} input, "
                                        f"expected {fixed[0]}x{fixed[1]}")
         det[k] = x
-        for store, hw in zip(others, other_sizes):
-            store[k] = full if full.shape[:2] == tuple(hw) else np.asarray(im.resize((hw[1], hw[0]), Image.BILINEAR))
+        for store, r in zip(others, resized):
+            store[k] = r
         if progress:
             progress(1, len(paths))
     return [det] + others

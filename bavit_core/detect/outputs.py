@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.errors import InputFileError
-from ..runtime.fileio import atomic_path, atomic_write_text
+from ..runtime.fileio import atomic_path, atomic_write_text, parse_json_file
 
 FORMAT = "bavit-detect/1"
 META = "detect.json"
@@ -107,11 +107,9 @@ def read_detections(path, ann: str | os.PathLike | None = None) -> list[dict]:
     if p.is_dir():
         p = p / "detections.json"
     try:
-        dets = json.loads(p.read_text())
+        dets = parse_json_file(p)
     except OSError as exc:
         raise InputFileError(p, f"cannot read detections ({exc.strerror or exc})") from None
-    except ValueError:
-        raise InputFileError(p, "unreadable detections (not JSON)") from None
     if not isinstance(dets, list) or any(not isinstance(d, dict) or not {"image_id", "bbox", "score", "category_id",
                                                                           "file_name"} <= set(d) for d in dets):
         raise InputFileError(p, "not a bavit detect detections.json (a list of COCO results with file_name)")

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.images import IMAGE_SUFFIXES, load_image_sized, to_rgb8
+from ..data.images import IMAGE_SUFFIXES, detector_inputs, load_image_sized, to_rgb8
 from ..runtime.errors import InputFileError, OptionError
 
 _MAGIC = set("*?[")
@@ -131,12 +131,6 @@ def to_inputs(image, prepare, bavit_hw: tuple[int, int] | None):
     """One image → (the detector's uint8 input through the protocol's ``prepare``, BAViT's
     uint8 input stretched (bilinear) to ``bavit_hw`` or None, the original (h, w)): what
     :func:`bavit_core.data.images.decode_for_detector` makes of a dataset's image."""
-    from PIL import Image
-
     im, hw = as_pil(image)
-    det = prepare(im)
-    bav = None
-    if bavit_hw is not None:
-        bav = np.asarray(im) if hw == tuple(bavit_hw) else np.asarray(im.resize((bavit_hw[1], bavit_hw[0]),
-                                                                                Image.BILINEAR))
-    return det, bav, hw
+    det, resized = detector_inputs(im, prepare, [bavit_hw] if bavit_hw is not None else [])
+    return det, (resized[0] if resized else None), hw

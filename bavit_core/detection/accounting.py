@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .treatments import TREATMENTS, get_treatment  # noqa: F401 (TREATMENTS: names re-exported)
+from .treatments import get_treatment
 
 
 def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit_tokens: int, bavit_layers: int,

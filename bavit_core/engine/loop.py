@@ -141,6 +141,26 @@ def fit(trainer: Trainer, run: RunDir, opts: LoopOptions, dist: Dist, start_epoc
     return sel, rows
 
 
+def run_training(trainer: Trainer, run: RunDir, opts: LoopOptions, dist: Dist, resume: bool,
+                 on_step: Callable[[int, int], None] | None = None,
+                 on_epoch: Callable[[dict], None] | None = None,
+                 on_resume: Callable[[int, int], None] | None = None) -> tuple[Selection, list[dict], dict]:
+    """A trainer's whole run: continue from ``run``'s state.pt (its files re-derived by the
+    main process; ``on_resume(epoch, epochs)`` told the 1-based epoch it continues from) or
+    start fresh, then :func:`fit`. Returns the selection, the metric rows and the row of the
+    selected epoch."""
+    steps_per_epoch(trainer.n_train, opts.batch_size, dist)  # refuses a split too small for the processes
+    start, sel, rows = 0, None, []
+    if resume:
+        start, sel, rows = run.resume(trainer.model, trainer.optim, opts.select, rederive=dist.main)
+        if on_resume:
+            on_resume(start + 1, opts.epochs)
+    dist.barrier()
+    sel, rows = fit(trainer, run, opts, dist, start, sel, rows, on_step, on_epoch)
+    chosen = next((r for r in rows if r["epoch"] == sel.selected_epoch), rows[-1] if rows else {})
+    return sel, rows, chosen
+
+
 def global_share(local: float, dist: Dist) -> float:
     """``world · local / Σ local`` over the processes: multiply a loss normalised by this
     process's count (``local``) by it, and the average over processes of the scaled losses

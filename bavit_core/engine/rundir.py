@@ -125,10 +125,11 @@ class RunDir:
                         "rows": rows, "torch_rng": torch.get_rng_state()}, tmp)
         self.derive(model, rows, epoch, sel.selected_epoch == epoch)
 
-    def resume(self, model, optim, select: str) -> tuple[int, Selection, list[dict]]:
+    def resume(self, model, optim, select: str, rederive: bool = True) -> tuple[int, Selection, list[dict]]:
         """Load ``state.pt`` into ``model`` and ``optim`` and restore the RNG; returns the
-        0-based epoch to continue from, the selection so far and the metric rows. The caller
-        re-derives the user-facing files (on the main process) with :meth:`rederive`."""
+        0-based epoch to continue from, the selection so far and the metric rows. With
+        ``rederive`` (the main process) the user-facing files are rewritten from the state,
+        whatever a kill left of them."""
         import torch
 
         path = self.out / STATE_FILE
@@ -143,7 +144,7 @@ class RunDir:
         epoch = int(state["epoch"])
         sel = Selection(str(state.get("select", select)), float(state["best"]), int(state.get("best_epoch", -1)))
         sel.selected_epoch = int(state.get("selected_epoch", epoch if sel.mode == "last" else sel.best_epoch))
-        return epoch + 1, sel, list(state["rows"])
-
-    def rederive(self, model, rows: list[dict], epoch: int, sel: Selection) -> None:
-        self.derive(model, rows, epoch, sel.selected_epoch == epoch)
+        rows = list(state["rows"])
+        if rederive:
+            self.derive(model, rows, epoch, sel.selected_epoch == epoch)
+        return epoch + 1, sel, rows

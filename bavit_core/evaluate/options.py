@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..detection.pruned import LAYOUTS
 from ..detection.treatments import TREATMENTS, get_treatment
 from ..detection.selection import POLICIES
-from .selectors import PRUNING_SELECTORS, REGISTRY, SELECTORS, selectors_available  # noqa: F401 (SELECTORS re-exported)
+from .selectors import PRUNING_SELECTORS, REGISTRY, selectors_available
 from ..runtime.errors import OptionError
 from ..runtime.fileio import check_output_writable, refuse_output_over_inputs
 from ..runtime.options import check_option_values

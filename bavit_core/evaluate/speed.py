@@ -13,13 +13,8 @@ from ..data.images import to_input
 from ..data.ragged import Grids
 from ..detection.layered import layered_forward
 from ..detection.pruned import pruned_forward
-from .batches import batch_inputs
-from .batches import take
+from ..detection.batches import autocast_args, batch_inputs, take
 from .timing import drift, is_noisy, peak_memory_mb, spread, time_round_robin
-
-
-def autocast_args(device, dtype) -> dict:
-    return dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda")
 
 
 def device_name(device) -> str:

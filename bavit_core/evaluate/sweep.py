@@ -23,8 +23,7 @@ from ..data import open_dataset
 from ..data.images import decode_for_detector, resolve_paths
 from ..data.ragged import Grids
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
-from ..detection.cocoeval import (category_map_for, coco_ground_truth, detections_from_outputs,
-                                  evaluate_many, read_category_map)
+from ..detection.cocoeval import category_map_for, coco_ground_truth, evaluate_many, read_category_map
 from ..detection.selection import oracle_keep, oracle_priority, sparsity_stats
 from ..detection.protocol import input_protocol
 from ..detection.yolos import load_detector
@@ -34,7 +33,7 @@ from ..labels import read_labels
 from ..runtime.devices import resolve_device
 from ..runtime.distributed import Dist
 from ..runtime.errors import InputFileError, OptionError
-from .batches import batch_inputs, take
+from ..detection.batches import take
 from .results import CSV_COLUMNS, read_results, row_name, write_results
 from .options import PruneEvalOptions, check_options, parse_sparsities, parse_thresholds, selectors_for
 from .selectors import PRUNING_SELECTORS, REGISTRY, RowInputs, build_rows

@@ -25,7 +25,7 @@ from ..detection.pruned import pruned_forward
 from ..detection.selection import kept_per_image
 from ..detection.protocol import square_protocol
 from ..detection.yolos import detector_grid, load_detector
-from ..detection.treatments import EXPORTED_TREATMENTS, TREATMENTS, get_treatment  # noqa: F401
+from ..detection.treatments import EXPORTED_TREATMENTS, get_treatment
 from ..runtime.errors import BavitError, InputFileError, OptionError
 from ..runtime.fileio import atomic_write_text, check_output_writable, sha256_file
 from .graphs import POLICIES, BavitProbs, DenseDetector, Pipeline, PrunedDetectorGraph, reference_keep

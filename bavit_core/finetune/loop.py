@@ -30,7 +30,7 @@ from ..detection.protocol import InputProtocol, square_protocol, write_processor
 from ..detection.yolos import (detector_grid, init_encoder_from_bavit, init_new_yolos,
                                load_detector, tiny_yolos_config)
 from ..runtime.devices import resolve_device
-from ..engine.loop import LoopOptions, fit, steps_per_epoch
+from ..engine.loop import LoopOptions, run_training
 from ..engine.rundir import METRICS_FILE, STATE_FILE, RunDir, check_inputs_unchanged, input_hashes
 from ..engine.schedule import lr_factor
 from ..runtime.distributed import Dist
@@ -205,6 +205,8 @@ def finetune(opts: FinetuneOptions, resume: bool = False, on_step: Callable[[int
 def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None, force=False, saved_hashes=None):
     out = Path(opts.out)
     aset = open_dataset(opts.dataset, root=opts.root, split=opts.split, ann=opts.ann, images=opts.images)
+    if resume:  # before any image is decoded
+        check_inputs_unchanged(out, saved_hashes, _inputs(opts, aset), force)
     img_dir = aset.images_dir
     _, missing = resolve_paths(img_dir, aset.file_names)
     all_paths = [img_dir / n for n in aset.file_names]
@@ -255,32 +257,20 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None, for
         val = prepare(val_aset, val_idx, proto, vmap, vkeep, val_paths)
         gt = coco_ground_truth(val_aset, val.ids, vmap if val_aset.kind == "voc" else None)
 
-    if resume:
-        check_inputs_unchanged(out, saved_hashes, _inputs(opts, aset), force)
     trainer = _DetectorTrainer(model, train, val, gt, grid, opts, device)
-    steps_per_epoch(trainer.n_train, opts.batch_size, dist)  # refuses a split too small for the processes
     run = RunDir(out, lambda m, rows, epoch, selected: _derive(out, proto, m, rows, epoch, selected), RUN_FILES)
-    start_epoch, sel, rows = 0, None, []
-    if resume:
-        start_epoch, sel, rows = run.resume(model, trainer.optim, opts.select)
-        if dist.main:
-            run.rederive(model, rows, start_epoch - 1, sel)
-        if on_resume:
-            on_resume(start_epoch + 1, opts.epochs)
-    else:
+    if not resume:
         doc = {"bavit_version": __version__, "options": asdict(opts), "train_images": trainer.n_train,
                "val_images": 0 if val is None else len(val.ids), "missing_images": len(missing),
                "train_sparsity": None if train.keep is None else float(1 - train.keep.mean()),
                "input_protocol": proto.as_dict(), "inputs_sha256": input_hashes(_inputs(opts, aset)),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         run.first_commit = lambda: atomic_write_text(out / OPTIONS_FILE, json.dumps(doc, indent=2, default=str))
-    dist.barrier()
     loop = LoopOptions(epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=opts.seed, flip=opts.flip,
                        schedule=opts.schedule, step_size=opts.step_size, gamma=opts.gamma,
                        warmup_epochs=opts.warmup_epochs, clip_grad=opts.clip_grad, select=opts.select,
                        diverged_hint="try a lower --lr")
-    sel, rows = fit(trainer, run, loop, dist, start_epoch, sel, rows, on_step, on_epoch)
-    chosen = next((r for r in rows if r["epoch"] == sel.selected_epoch), rows[-1] if rows else {})
+    sel, rows, chosen = run_training(trainer, run, loop, dist, resume, on_step, on_epoch, on_resume)
     return {"out": str(out), "epochs": opts.epochs, "select": sel.mode, "selected_epoch": sel.selected_epoch,
             "score": trainer.score(chosen) if chosen else float("nan"), "best": sel.best, "rows": rows,
             "train_images": trainer.n_train, "val_images": 0 if val is None else len(val.ids),

@@ -193,8 +193,12 @@ def label_dataset(
 ) -> LabelSummary:
     """Label every image of ``aset`` and write the labels parquet atomically to ``out``."""
     opts.validate()
-    if workers < 1:
-        raise OptionError(f"--workers must be at least 1, got {workers}")
+    if workers < 0:
+        raise OptionError(f"--workers must be >= 0 (0 = automatic), got {workers}")
+    if workers == 0:  # automatic, as train's image decoding: one per usable core, up to 4
+        from ..runtime.workers import usable_cores
+
+        workers = min(4, usable_cores())
     refuse_output_over_inputs(out, list(aset.source_files) + ([aset.images_dir] if aset.images_dir else []))
     check_output_writable(out)
     t0 = time.perf_counter()

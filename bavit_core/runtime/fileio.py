@@ -12,12 +12,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+try:  # optional speed-up: orjson parses COCO-scale files ~3x faster
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
 
 from .errors import InputFileError, OptionError
 
@@ -312,3 +318,26 @@ def read_training_state(path: str | os.PathLike, keys: tuple[str, ...]) -> dict:
         raise InputFileError(path, "training state without epoch/optimizer/model (written by an older bavit?); "
                              "start again with --overwrite")
     return state
+
+
+def parse_json_file(path: str | os.PathLike):
+    """Parse a JSON file; a syntax error names the file, line and column (OSError is the
+    caller's to word)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        if _orjson is not None:
+            return _orjson.loads(data)
+        return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise InputFileError(path, f"not UTF-8 text ({exc.reason})") from None
+    except RecursionError:
+        raise InputFileError(path, "malformed JSON (nested too deeply)") from None
+    except ValueError as exc:
+        pos = getattr(exc, "pos", None)
+        if pos is None:
+            raise InputFileError(path, f"malformed JSON ({exc})") from None
+        line = data.count(b"\n", 0, pos) + 1
+        col = pos - (data.rfind(b"\n", 0, pos) + 1) + 1
+        msg = getattr(exc, "msg", str(exc)).split(":")[0]
+        raise InputFileError(path, f"malformed JSON at line {line}, column {col}: {msg}") from None

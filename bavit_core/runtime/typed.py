@@ -8,7 +8,6 @@ left alone (newer files may carry more); missing keys take the dataclass's defau
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import types
@@ -16,6 +15,7 @@ import typing
 from pathlib import Path
 
 from .errors import InputFileError
+from .fileio import parse_json_file
 
 _NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
           tuple: "a list", list: "a list", dict: "an object"}
@@ -110,11 +110,9 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     if not p.is_file():
         raise InputFileError(p, f"{what} missing")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InputFileError(p, f"unreadable {what} (not UTF-8 text)") from None
-    except ValueError as exc:
-        raise InputFileError(p, f"unreadable {what} (malformed JSON: {exc})") from None
+        doc = parse_json_file(p)
+    except InputFileError as exc:
+        raise InputFileError(p, f"unreadable {what} ({exc.problem})") from None
     except OSError as exc:
         raise InputFileError(p, f"unreadable {what} ({exc.strerror})") from None
     if not isinstance(doc, dict):

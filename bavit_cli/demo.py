@@ -37,8 +37,10 @@ def demo(
         r = run_demo(DemoOptions(out=str(out), quick=quick, train_detector=train_detector, seed=seed, device=device),
                      on_stage=on_stage, progress_for=progress_for)
     print_table(demo_table(r))
-    console.print("preserve: BAViT's tokens, the pruned ones kept as frozen keys/values (--pruned-tokens preserve)",
-                  highlight=False)
+    console.print("preserve: BAViT's tokens, the pruned ones kept as frozen keys/values (--pruned-tokens preserve); "
+                  "attention@4: the detector keeps the tokens its CLS and detection tokens attend to in layer 4; "
+                  "YOLOS-F: the detector fine-tuned on BAViT's tokens; gate@2: a token gate trained inside the "
+                  "frozen detector (docs/results.md compares them all)", highlight=False)
     if any(row.get("timing_noisy") for row in r["rows"]):
         console.print("*: that row's timing was noisy (a spread or the dense drift passed 10 %); its speedups are "
                       "unreliable on a busy machine", highlight=False)
@@ -52,8 +54,13 @@ def demo_table(r: dict) -> Table:
     f = lambda v, p: "-" if v != v else f"{v:.{p}f}"  # noqa: E731
     x = lambda v: "-" if v != v else f"{v:.2f}x"  # noqa: E731
     rows = list(r["rows"]) + [dict(r["yolos_f"], selector="YOLOS-F")]
+    if r.get("gate"):
+        rows.append(dict(r["gate"], selector="gate"))
     for row in rows:
         noisy = "*" if row.get("timing_noisy") else ""
-        t.add_row("preserve" if row.get("treatment") == "preserve" else row["selector"], f(row["target"], 2), f"{row['sparsity']:.3f}", f"{row['map']:.3f}",
+        layer = row.get("prune_layer", float("nan"))
+        name = "preserve" if row.get("treatment") == "preserve" else row["selector"]
+        name += "" if layer != layer else f"@{int(layer)}"
+        t.add_row(name, f(row["target"], 2), f"{row['sparsity']:.3f}", f"{row['map']:.3f}",
                   f"{row['map50']:.3f}", f"{row['token_reduction_pct']:.1f}%", x(row["detector_speedup"]) + noisy, x(row["speedup"]) + noisy)
     return t

@@ -53,6 +53,15 @@ def finetune(
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use only the first N training images."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (Apple GPUs)."),
     out: Path = typer.Option(Path("detectors/yolos-F"), "--out", help="Output directory (HF layout)."),
+    train_gate: bool = typer.Option(False, "--train-gate", help="Train a token gate (SViT-style 2-layer MLP after layer --prune-at-layer) for the frozen --detector; saved beside it (gate.safetensors, gate.json): prune-eval's gate selector."),
+    joint: bool = typer.Option(False, "--joint", help="Train the BAViT run --model and the --detector together: the detection loss reaches BAViT through a straight-through keep mask; writes the detector and its BAViT run (OUT/bavit)."),
+    target_sparsity: Optional[float] = typer.Option(None, "--target-sparsity", help="--train-gate/--joint: the mean share of patch tokens to prune, held by the keep-ratio loss (images differ)."),
+    prune_at_layer: int = typer.Option(2, "--prune-at-layer", help="--train-gate: encoder layers run on every token before the gate decides."),
+    gate_hidden: Optional[int] = typer.Option(None, "--gate-hidden", help="--train-gate: the gate MLP's width [default: max(16, detector width / 4)]."),
+    relaxation: str = typer.Option("ste", "--relaxation", help="--train-gate/--joint: how the hard keep decision passes gradients: ste (straight-through) or gumbel (straight-through with logistic noise)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="--train-gate/--joint: temperature of the relaxation's sigmoid (its gradient's width)."),
+    ratio_weight: float = typer.Option(100.0, "--ratio-weight", help="--train-gate/--joint: weight of the keep-ratio loss (mean kept share - (1 - target))^2."),
+    token_loss_weight: float = typer.Option(1.0, "--token-loss-weight", help="--joint: weight of BAViT's token loss (eq. 3) on --labels (labels on BAViT's grid); 0 = detection and ratio losses only."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (refused otherwise)."),
     force: bool = typer.Option(False, "--force", help="With --resume: continue even though the dataset or labels files changed."),
@@ -79,12 +88,18 @@ def finetune(
         epochs=epochs if epochs is not None or resume else FinetuneOptions.epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         schedule=schedule, step_size=step_size, gamma=gamma, flip=flip, amp=amp, resample=resample, select=select,
         clip_grad=clip_grad, seed=seed, max_images=max_images, device=device, out=str(out),
+        train_gate=train_gate, joint=joint, target_sparsity=target_sparsity, prune_at_layer=prune_at_layer,
+        gate_hidden=gate_hidden, relaxation=relaxation, temperature=temperature, ratio_weight=ratio_weight,
+        token_loss_weight=token_loss_weight,
     )
     main = os.environ.get("RANK", "0") == "0"
 
     def on_epoch(row):
         if main:
             v = f"  val mAP {row['val_map']:.4f}  AP50 {row['val_map50']:.4f}" if "val_map" in row else ""
+            if "train_sparsity" in row:  # a gate or a joint run: the kept share it reached
+                v += f"  sparsity {row['train_sparsity']:.3f}" + (
+                    f" (val {row['val_sparsity']:.3f})" if "val_sparsity" in row else "")
             console.print(f"epoch {row['epoch'] + 1:>3}  loss {row['train_loss']:.4f} (ce {row['train_loss_ce']:.3f} "
                           f"L1 {row['train_loss_bbox']:.3f} giou {row['train_loss_giou']:.3f}){v}  "
                           f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') and v else ''}", highlight=False)
@@ -97,9 +112,19 @@ def finetune(
         if r.get("skipped"):
             err_console.print(f"Note: {r['skipped']} (trained and validated without them)", highlight=False,
                               markup=False, soft_wrap=True)
-        sp = "" if r["train_sparsity"] is None else f", training sparsity {r['train_sparsity']:.3f}"
+        sp = "" if r["train_sparsity"] is None or r["trains"] != "detector" else f", training sparsity {r['train_sparsity']:.3f}"
         console.print(f"Trained {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''} on {r['train_images']} images ({r['val_images']} val){sp}. "
                       f"{_chosen(r)} in {r['out']} (last epoch's in {r['out']}/last).", highlight=False)
+        c = r.get("chosen") or {}
+        reached = c.get("val_sparsity", c.get("train_sparsity"))
+        if r["trains"] == "gate":
+            console.print(f"Gate (after layer {r['prune_at_layer']}): sparsity {reached:.3f} for target "
+                          f"{r['target_sparsity']:.3f}, saved beside the detector. Evaluate: bavit prune-eval "
+                          f"--detector {r['out']} --selectors dense,gate …", highlight=False)
+        elif r["trains"] == "joint":
+            console.print(f"Joint: sparsity {reached:.3f} at threshold {r['threshold']:g} for target "
+                          f"{r['target_sparsity']:.3f}; its BAViT run is {r['out']}/bavit. Evaluate the pair: "
+                          f"bavit prune-eval --model {r['out']}/bavit --detector {r['out']} …", highlight=False)
 
 
 def _chosen(r: dict) -> str:

@@ -92,6 +92,10 @@ def prune_eval_cmd(
         err_console.print(f"Note: {r['skipped']} (scored without them)", highlight=False, markup=False, soft_wrap=True)
     if r["timing_noisy"]:
         err_console.print(timing_warning(r), highlight=False, soft_wrap=True)
+    joint = r.get("bavit_joint")
+    if joint is not None:
+        err_console.print(f"Note: the BAViT run was trained jointly with {'this detector' if joint['pair'] else 'the detector in ' + str(joint.get('detector')) + ', not this one'} (target sparsity {joint.get('target_sparsity')})",
+                          highlight=False, markup=False, soft_wrap=True)
     console.print(f"Wrote {r['out']}/results.csv, detections/ and meta.json")
 
 

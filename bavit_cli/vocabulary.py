@@ -54,6 +54,8 @@ VOCABULARY: dict[str, str] = {
     "--resume": "continue the interrupted run in --out, bitwise as if never interrupted",
     "--overwrite": "replace the run already in --out (refused otherwise)",
     "--force": "with --resume: continue although an input file changed since the run started",
+    "--prune-at-layer": "encoder layers the detector runs on every token before it chooses its own tokens "
+                        "(prune-eval's attention selector; the gate finetune --train-gate trains)",
     "--pred": "a predictions parquet (from bavit predict or postprocess)",
     "--postprocess-steps": "iterations of the connected-component clean-up of BAViT's grid (paper appendix)",
     "--resample": "how a token grid is brought to the detector grid: nearest, or any (kept when any cell it "

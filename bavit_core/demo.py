@@ -1,5 +1,6 @@
 """The whole pipeline on a generated dataset, in one call: synth → label → train BAViT →
-predict + post-process → (shipped or retrained) detector → prune-eval → report."""
+predict + post-process → (shipped or retrained) detector → prune-eval (with the
+detector's own attention beside BAViT) → YOLOS-F → a trained token gate → report."""
 from __future__ import annotations
 
 import time
@@ -42,13 +43,19 @@ class DemoOptions:
     def settings(self) -> dict:
         if self.quick:
             return dict(images=120, epochs=8, bavit_batch=8, sparsities=[0.1, 0.25, 0.4, 0.5, 0.7, 0.85],
-                        timing_images=2, timing_repeats=3, det_epochs=3, f_epochs=2, f_lr=1e-4, batch=8, examples=3)
+                        timing_images=2, timing_repeats=3, det_epochs=3, f_epochs=2, f_lr=1e-4, g_epochs=8, batch=8,
+                        examples=3)
         return dict(images=400, epochs=8, bavit_batch=16, sparsities=[0.1, 0.25, 0.35, 0.5, 0.7, 0.85],
-                    timing_images=8, timing_repeats=4, det_epochs=40, f_epochs=2, f_lr=1e-4, batch=8, examples=6)
+                    timing_images=8, timing_repeats=4, det_epochs=40, f_epochs=2, f_lr=1e-4, g_epochs=8, batch=8,
+                    examples=6)
 
 
-OPERATING_POINT = 0.5  # the target sparsity YOLOS-F is fine-tuned and evaluated at
-STAGES = ("synth", "label", "train", "predict", "detector", "prune-eval", "finetune", "report")
+OPERATING_POINT = 0.5  # the target sparsity YOLOS-F and the gate are trained and evaluated at
+STAGES = ("synth", "label", "train", "predict", "detector", "prune-eval", "finetune", "gate", "report")
+# the detector's own attention after this many of its 6 layers: the best attention@k on the demo
+# (k = 1, 2, 4 compared in docs/results.md)
+ATTENTION_LAYER = 4
+GATE_LAYER = 2  # the trained gate's layer (docs/results.md: it beats BAViT alone at every target there)
 
 
 # What the stages after synth import: about 12 s of module loading on a small CPU
@@ -172,8 +179,11 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
                   batch_size=st["batch"], device=opts.device, seed=opts.seed)
     # BAViT's rows twice: pruned tokens dropped (the paper) and preserved as frozen keys/values
     # (the best treatment at equal sparsity, docs/results.md); the baselines drop only
+    # the detector's own attention (training-free) beside them: issue 24's comparison
     res = prune_eval(PruneEvalOptions(detector=str(det), sparsities=st["sparsities"], timing_images=st["timing_images"],
                                       timing_repeats=st["timing_repeats"], out=str(out / "results"),
+                                      selectors=["dense", "bavit", "oracle", "random", "attention"],
+                                      prune_at_layer=ATTENTION_LAYER,
                                       pruned_tokens=["drop", "preserve"], treatments_for=["bavit"], **common),
                      pe_prog, on_stage=sub)
     rows = res["rows"]
@@ -201,6 +211,22 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
     done("finetune", f"YOLOS-F ({st['f_epochs']} epoch{'s' if st['f_epochs'] > 1 else ''} sparse at {OPERATING_POINT:.2f}): mAP {frow['map']:.3f} "
                      f"vs {at['bavit']['map']:.3f} before", t)
 
+    # the detector's own trained token gate (SViT-style, the detector frozen) at the same point
+    t = time.perf_counter()
+    g_det = out / "gate"
+    finetune(FinetuneOptions(detector=str(det), root=str(data), split="train2017", val_split="val2017",
+                             train_gate=True, target_sparsity=OPERATING_POINT, prune_at_layer=GATE_LAYER,
+                             epochs=st["g_epochs"], batch_size=8, lr=1e-3, seed=opts.seed, device=opts.device,
+                             out=str(g_det)), on_step=_per_run(prog("gate"), st["g_epochs"]), overwrite=True)
+    gres = prune_eval(PruneEvalOptions(detector=str(g_det), sparsities=[OPERATING_POINT], selectors=["gate"],
+                                       timing_images=st["timing_images"], timing_repeats=st["timing_repeats"],
+                                       out=str(out / "results_gate"),
+                                       **{k: v for k, v in common.items() if k not in ("model", "labels")}))
+    grow = gres["rows"][0]
+    done("gate", f"gate@{GATE_LAYER} ({st['g_epochs']} epochs, detector frozen) at {OPERATING_POINT:.2f}: mAP "
+                 f"{grow['map']:.3f} vs BAViT {at['bavit']['map']:.3f}, end to end {grow['speedup']:.2f}x vs "
+                 f"{at['bavit']['speedup']:.2f}x", t)
+
     t = time.perf_counter()
     prog("report")
     rep = build_report(ReportInputs(results=str(out / "results"), finetuned_results=str(out / "results_yolos_f"),
@@ -209,5 +235,5 @@ def run_demo(opts: DemoOptions, on_stage: Callable[[str, str], None] | None = No
                                     finetune_run=str(det) if opts.train_detector else None,
                                     n_examples=st["examples"], out=str(out / "report")))
     done("report", f"{len(rep['figures'])} figures", t)
-    return {"out": str(out), "report": str(out / "report" / "index.html"), "rows": rows, "yolos_f": frow,
+    return {"out": str(out), "report": str(out / "report" / "index.html"), "rows": rows, "yolos_f": frow, "gate": grow,
             "bavit_last": last, "seconds": time.perf_counter() - t0, "times": times}

@@ -154,9 +154,13 @@ def test_accounting_counts_the_dense_layers():
 
 @pytest.fixture(scope="module")
 def detector_dir(tmp_path_factory):
+    return build_synth_detector(tmp_path_factory.mktemp("att") / "det")
+
+
+def build_synth_detector(d):
+    """A nano YOLOS (3 layers) over the synthetic classes at 64 px, saved in ``d``."""
     from bavit_core.data.synthetic import CLASS_NAMES
 
-    d = tmp_path_factory.mktemp("att") / "det"
     torch.manual_seed(0)
     cfg = tiny_yolos_config("nano", num_labels=len(CLASS_NAMES) + 1, image_size=(64, 64), num_hidden_layers=3,
                             id2label={0: "N/A", **{i + 1: n for i, n in enumerate(CLASS_NAMES)}})

@@ -440,7 +440,7 @@ def test_treatments_for_limits_the_sweep_to_some_selectors(setup, coco_synth, tm
     assert [plain[-1][k] for k in ("map", "sparsity")] == [rows[-1][k] for k in ("map", "sparsity")]
     for bad, msg in (("dense", "'dense'"), ("bavit,merge", "'merge'")):
         code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,pool", "--treatments-for", bad)
-        assert (code, err.strip()) == (1, f"Error: unknown --treatments-for selector {msg}; choose one of bavit, oracle, random, attention")
+        assert (code, err.strip()) == (1, f"Error: unknown --treatments-for selector {msg}; choose one of bavit, oracle, random, attention, gate")
         assert not (tmp_path / "bad").exists()
     code, _, err = run_pe(setup, coco_synth, tmp_path / "bad", "--pruned-tokens", "drop,pool", "--treatments-for", ",")
     assert (code, err.strip()) == (1, "Error: --treatments-for is empty; name selectors (e.g. bavit) or leave it out")

@@ -18,7 +18,7 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_quick_runs_every_stage_and_points_at_the_report(demo_dir):
     out, stdout = demo_dir
-    for stage in ("synth", "label", "train", "predict", "detector", "prune-eval", "finetune", "report"):
+    for stage in ("synth", "label", "train", "predict", "detector", "prune-eval", "finetune", "gate", "report"):
         assert re.search(rf"✓ {re.escape(stage)}\s", stdout), stage
     assert f"Open {out}/report/index.html" in stdout.replace("\n", "")
     for f in ("data/annotations/instances_val2017.json", "labels_train2017.parquet", "bavit-small/model.safetensors",
@@ -28,8 +28,14 @@ def test_demo_quick_runs_every_stage_and_points_at_the_report(demo_dir):
     targets = ["0.1", "0.25", "0.4", "0.5", "0.7", "0.85"]
     assert [(r["selector"], r["target"], r["treatment"]) for r in rows] == [("dense", "nan", "drop")] + [
         ("bavit", t, k) for t in targets for k in ("drop", "preserve")] + [
-        (s, t, "drop") for s in ("oracle", "random") for t in targets]
+        (s, t, "drop") for s in ("oracle", "random", "attention") for t in targets]
+    assert {r["prune_layer"] for r in rows if r["selector"] == "attention"} == {"4"}
     assert (out / "yolos-f" / "config.json").is_file() and (out / "results_yolos_f" / "results.csv").is_file()
+    # the trained gate beside BAViT: saved beside the (frozen, copied) detector, evaluated at the operating point
+    assert json.loads((out / "gate" / "gate.json").read_text())["layer"] == 2
+    g = list(csv.DictReader(open(out / "results_gate" / "results.csv")))
+    assert [(r["selector"], r["target"], r["prune_layer"], r["sparsity"]) for r in g] == [("gate", "0.5", "2", "0.5")]
+    assert re.search(r"│\s+gate@2 │\s+0\.50 │", stdout) and re.search(r"│\s+attention@4 │\s+0\.50 │", stdout)
 
 
 def test_demo_results_show_the_trade_off(demo_dir):

@@ -225,10 +225,13 @@ class PrunedDetector:
 
     def detect_decoded_layered(self, det_u8, layer: int, sparsity: float, ids, widths, heights,
                                progress: Callable[[int], None] | None = None,
-                               treatment: str | None = None) -> tuple[list[dict], list[np.ndarray]]:
+                               treatment: str | None = None, gate=None,
+                               threshold: float | None = None) -> tuple[list[dict], list[np.ndarray]]:
         """As :meth:`detect_decoded` for a detector that keeps its own tokens after ``layer``
-        layers (the attention selector, detection/layered.py) at target ``sparsity``: the
-        COCO result dicts and every image's kept tokens ((P_i,) bool, row-major)."""
+        layers (detection/layered.py): by its attention at target ``sparsity`` (topk), or by
+        a trained ``gate`` at that target or at a drop-probability ``threshold`` (then
+        ``sparsity`` is NaN). The COCO result dicts and every image's kept tokens ((P_i,)
+        bool, row-major)."""
         from ..detection.layered import layered_forward
 
         out, keeps = [], []
@@ -237,8 +240,9 @@ class PrunedDetector:
             sl = slice(s, min(s + self.batch_size, n))
             x, _ = batch_inputs(det_u8, None, sl, self.protocol, self.device, self.dtype)
             with torch.inference_mode(), torch.autocast(**autocast_args(self.device, self.dtype)):
-                r = layered_forward(self.detector, x, layer, sparsity=sparsity, layout=self.layout,
-                                    treatment=treatment or self.point.treatment)
+                r = layered_forward(self.detector, x, layer, sparsity=None if threshold is not None else sparsity,
+                                    layout=self.layout, treatment=treatment or self.point.treatment, gate=gate,
+                                    threshold=threshold)
             out += detections_from_outputs(r.logits, r.pred_boxes, ids[sl], widths[sl], heights[sl])
             keeps += [k.cpu().numpy() for k in r.keep]
             if progress:

@@ -50,7 +50,7 @@ def token_columns(sparsity: np.ndarray, det_patches: int, det_layers: int, bavit
 
 
 def detector_gflops(config, kept: np.ndarray, n_patches: int, treatment: str = "drop",
-                    dense_layers: int | None = None) -> float:
+                    dense_layers: int | None = None, score_macs=None) -> float:
     """Mean GFLOPs (2 × MACs) per image of YOLOS keeping ``kept`` patch tokens, as the
     pruned forward computes them: the patch embedding of the kept patches (all patches for
     ``preserve``), the encoder on 1 + kept + detection tokens (+ the pool token for
@@ -62,7 +62,9 @@ def detector_gflops(config, kept: np.ndarray, n_patches: int, treatment: str = "
     1 + P + detection tokens, the scores of layer k (keys of those P + 1 + D tokens, queries
     of CLS and the D detection tokens, their products: (P + 1 + D)·d² + (1 + D)·d² +
     (1 + D)·(P + 1 + D)·d MACs), the other layers − k as above (pool's token and
-    preserve's frozen states taken at layer k, so no extra embedding)."""
+    preserve's frozen states taken at layer k, so no extra embedding). ``score_macs``
+    (per image) replaces the attention scores' cost when something else ranks the tokens
+    (a trained gate: P · its MACs per token)."""
     t = get_treatment(treatment)
     d, mlp, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     nd = config.num_detection_tokens
@@ -84,7 +86,8 @@ def detector_gflops(config, kept: np.ndarray, n_patches: int, treatment: str = "
     else:
         embedded = np.full_like(kept, n_patches)
         n_all = 1 + np.full_like(kept, n_patches) + nd
-        scores = n_all * d * d + (1 + nd) * d * d + (1 + nd) * n_all * d
+        scores = (n_all * d * d + (1 + nd) * d * d + (1 + nd) * n_all * d if score_macs is None
+                  else np.asarray(score_macs, dtype=np.float64))
         encoder = (yolos_macs(n_all, d, mlp, dense_layers) + scores
                    + yolos_macs(n, d, mlp, layers - dense_layers, kv_only))
     embed = embedded * 3 * p * p * d

@@ -10,6 +10,10 @@ layers on CLS, the detection tokens and the kept patch tokens only, through
 of their states after layer k, computed from there on) or ``preserve`` (their states
 after layer k stay as frozen keys/values).
 
+The ranking can instead come from a trained token gate (``gate=``, :mod:`.gate`, SViT-
+style): its keep probabilities σ(z) of the patch tokens' states after layer k, ranked for
+a target or decided by a threshold on the drop probability 1 − σ(z).
+
 Exactness: with nothing pruned it is the dense model; with ``layer=0`` and a given
 ``keep`` it is :func:`~.pruned.pruned_forward` on that keep (both tested).
 
@@ -65,23 +69,45 @@ def attention_scores(model, h: torch.Tensor, lengths: list, layer: int) -> list:
     return out
 
 
+def gate_scores(gate, h: torch.Tensor, lengths: list, n_det: int) -> list:
+    """Per image, the gate's keep probabilities σ(z) (P_i,) of its patch tokens, from the
+    packed states ``h`` (T, C) of sequences [CLS, detection tokens, patches] of ``lengths``."""
+    if len(set(lengths)) == 1:
+        n = lengths[0]
+        return list(torch.sigmoid(gate(h.view(-1, n, h.shape[-1])[:, 1 + n_det:]).float()).unbind(0))
+    out, s = [], 0
+    for n in lengths:
+        out.append(torch.sigmoid(gate(h[s + 1 + n_det:s + n]).float()))
+        s += n
+    return out
+
+
 def layered_forward(model, pixel_values, layer: int, keep=None, sparsity: float | None = None,
-                    layout: str = "pack", treatment: str = "drop") -> PrunedOutput:
+                    layout: str = "pack", treatment: str = "drop", gate=None,
+                    threshold: float | None = None) -> PrunedOutput:
     """YOLOS selecting its own tokens after ``layer`` dense layers (module docstring).
 
     pixel_values: (B, 3, H, W) or a list of (3, H_i, W_i) images; ``keep`` (B, gh, gw) /
     (B, P) bool (a list for a list of images) overrides the ranking, else every image keeps
     ceil((1 − ``sparsity``)·P) of its highest-scored patch tokens (ties to the lower
-    index). Returns the outputs with ``keep`` (one (P_i,) bool tensor per image) and
-    ``scores`` (one (P_i,) tensor per image) set."""
+    index). The scores are the layer's attention, or with ``gate`` (a
+    :class:`~.gate.TokenGate` trained for this ``layer``) its keep probabilities; a gate
+    also decides by ``threshold``: a token is pruned when its drop probability 1 − σ(z) is
+    at least the threshold (0.5: the gate's own hard decision). Returns the outputs with
+    ``keep`` (one (P_i,) bool tensor per image) and ``scores`` (one (P_i,) tensor per
+    image) set."""
     if treatment not in TREATMENTS:
         raise ValueError(f"treatment must be one of {TREATMENTS}")
     cfg = model.config
     n_layers, n_det, ps = cfg.num_hidden_layers, cfg.num_detection_tokens, cfg.patch_size
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer must lie in 0..{n_layers - 1} (the detector has {n_layers} layers), got {layer}")
-    if (keep is None) == (sparsity is None):
-        raise ValueError("give keep or sparsity (one of them)")
+    if gate is not None and gate.layer != layer:
+        raise ValueError(f"the gate was trained after layer {gate.layer}, not {layer}")
+    if threshold is not None and gate is None:
+        raise ValueError("a threshold decides with a gate's probabilities: give gate")
+    if sum(v is not None for v in (keep, sparsity, threshold)) != 1:
+        raise ValueError("give keep, sparsity or threshold (one of them)")
     images = list(pixel_values) if isinstance(pixel_values, (list, tuple)) else None
     if images is not None and len({tuple(x.shape[-2:]) for x in images}) == 1:
         pixel_values, images = torch.stack(images), None
@@ -109,8 +135,10 @@ def layered_forward(model, pixel_values, layer: int, keep=None, sparsity: float 
         else:
             attend = lambda qkv, kv: attend_packed(qkv, None, lengths, None, heads, hd, scale, p_drop)  # noqa: E731
         h = _encode(model, h, None, attend, mid, 0, layer)
-    scores = attention_scores(model, h, lengths, layer)
-    if keep is not None:
+    scores = attention_scores(model, h, lengths, layer) if gate is None else gate_scores(gate, h, lengths, n_det)
+    if threshold is not None:
+        keeps = [(1.0 - sc) < threshold for sc in scores]
+    elif keep is not None:
         keeps = [torch.as_tensor(k, device=dev).reshape(-1).bool() for k in keep]
         if len(keeps) != len(n_patches) or any(k.shape[0] != n for k, n in zip(keeps, n_patches)):
             raise ValueError("keep masks do not match the images' detector grids")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..detection.pruned import LAYOUTS
 from ..detection.treatments import TREATMENTS, get_treatment
 from ..detection.selection import POLICIES
-from .selectors import PRUNING_SELECTORS, REGISTRY, selectors_available
+from .selectors import GATE_NEED, PRUNING_SELECTORS, REGISTRY, selectors_available
 from ..runtime.errors import OptionError
 from ..runtime.fileio import check_output_writable, refuse_output_over_inputs
 from ..runtime.options import check_option_values
@@ -93,7 +93,10 @@ class PruneEvalOptions:
 
 def selectors_for(opts: PruneEvalOptions) -> list[str]:
     """The selectors this run makes rows for (the registry's, where their needs are met)."""
-    return selectors_available({"--model": bool(opts.model), "--labels": bool(opts.labels)}, opts.selectors)
+    from ..detection.gate import has_gate
+
+    return selectors_available({"--model": bool(opts.model), "--labels": bool(opts.labels),
+                                GATE_NEED: has_gate(opts.detector)}, opts.selectors)
 
 
 def apply_latency_budget(opts: PruneEvalOptions) -> dict | None:
@@ -157,8 +160,9 @@ def check_options(opts: PruneEvalOptions) -> None:
     if opts.prune_at_layer < 0:
         raise OptionError(f"--prune-at-layer must be at least 0; got {opts.prune_at_layer}")
     in_detector = [n for n in (opts.selectors or []) if n in REGISTRY and REGISTRY[n].in_detector]
-    if in_detector and opts.sparsities is None:
-        raise OptionError(f"the {in_detector[0]} selector keeps a top share of the detector's tokens: give "
+    no_thresholds = [n for n in in_detector if REGISTRY[n].at_thresholds is None]
+    if no_thresholds and opts.sparsities is None:
+        raise OptionError(f"the {no_thresholds[0]} selector keeps a top share of the detector's tokens: give "
                           "--sparsities (it has no BG-probability thresholds)")
     if in_detector and opts.runtime == "onnx":
         raise OptionError(f"the {in_detector[0]} selector runs in PyTorch only: leave --runtime at torch")

@@ -40,7 +40,7 @@ RowSpec = tuple
 class Selector:
     name: str
     summary: str
-    needs: str | None = None  # the option it needs: "--model" or "--labels"
+    needs: str | None = None  # what it needs: "--model", "--labels" or GATE_NEED
     at_thresholds: Callable[[RowInputs, list[float]], list[RowSpec]] | None = None
     at_targets: Callable[[RowInputs, list[float]], list[RowSpec]] | None = None
     prunes: bool = True  # False: its row computes every token (one row, whatever the treatments)
@@ -84,6 +84,17 @@ def _attention_tgt(x: RowInputs, ss) -> list[RowSpec]:  # always topk: every ima
     return [("attention", NAN, None, "topk", s) for s in ss]
 
 
+def _gate_thr(x: RowInputs, ts) -> list[RowSpec]:  # pruned where the gate's drop probability >= t
+    return [("gate", t, None, "threshold", NAN) for t in ts]
+
+
+def _gate_tgt(x: RowInputs, ss) -> list[RowSpec]:  # topk by the gate's keep probability
+    return [("gate", NAN, None, "topk", s) for s in ss]
+
+
+GATE_NEED = "a gate beside --detector (bavit finetune --train-gate)"
+
+
 REGISTRY: dict[str, Selector] = {s.name: s for s in (
     Selector("dense", "every token (the unpruned detector)", None, _dense, _dense, prunes=False),
     Selector("bavit", "BAViT's FG tokens (the paper)", "--model", _bavit_thr, _bavit_tgt),
@@ -91,6 +102,8 @@ REGISTRY: dict[str, Selector] = {s.name: s for s in (
     Selector("random", "as many tokens as BAViT keeps, at random positions", "--model", _random_thr, _random_tgt),
     Selector("attention", "the detector's own layer-k attention from CLS and detection tokens (EViT-style; "
              "--sparsities, topk)", None, None, _attention_tgt, default=False, in_detector=True),
+    Selector("gate", "the detector's trained token gate after its layer (SViT-style; at thresholds its drop "
+             "probability, at --sparsities topk)", GATE_NEED, _gate_thr, _gate_tgt, in_detector=True),
 )}
 SELECTORS: tuple[str, ...] = tuple(REGISTRY)
 PRUNING_SELECTORS: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if s.prunes)
@@ -98,7 +111,7 @@ PRUNING_SELECTORS: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if s.p
 
 def selectors_available(has: dict[str, bool], asked: list[str] | None) -> list[str]:
     """The selectors a run makes rows for: ``asked`` (checked), or every one whose needs
-    (``has["--model"]``, ``has["--labels"]``) are met, in registry order (those not on by
+    (``has["--model"]``, ``has["--labels"]``, ``has[GATE_NEED]``) are met, in registry order (those not on by
     default only when asked)."""
     ok = [n for n, s in REGISTRY.items() if s.needs is None or has.get(s.needs)]
     if asked is None:

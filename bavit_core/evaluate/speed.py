@@ -29,14 +29,18 @@ NO_TIMING = {"latency_ms": float("nan"), "latency_spread": float("nan"), "throug
 
 
 @torch.inference_mode()
-def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tick, proto) -> tuple[list[dict], dict]:
+def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tick, proto,
+              scorer: Callable | None = None) -> tuple[list[dict], dict]:
     """Dense YOLOS (once), BAViT (once, when a row uses it) and every row's pruned YOLOS on
     the first timing images, round robin over ``timing_repeats`` rounds after one warm-up
     round; rows whose timed images keep the same token counts under the same treatment
     are one workload, timed once. Per row: medians per image, spreads (IQR / median) and the noisy flag; per run:
     the dense reference's samples and drift. Dense is transformers' own model, image by
     image for a batch of images of different sizes (the checkpoint's protocol), as its
-    users would run it (its processor pads a batch with zeros, which YOLOS does not mask)."""
+    users would run it (its processor pads a batch with zeros, which YOLOS does not mask).
+    ``scorer(row)``: the keyword arguments an in-detector row's forward takes (a gate and
+    its threshold), {} for the attention selector."""
+    scorer = scorer or (lambda row: {})
     n_t = len(det_u8)
     if n_t == 0 or opts.timing_repeats < 1:
         return [dict(NO_TIMING) for _ in rows], {"dense_drift": float("nan"), "timing_seconds": 0.0}
@@ -64,8 +68,9 @@ def time_rows(det, bavit, rows, det_u8, bav_u8, opts, device, dtype, layout, tic
         if name in fns:
             continue
         if row.prune_layer is not None:  # the detector chooses its tokens: its scoring is timed too
-            fns[name] = lambda r=row: _layered(det, xs, r.prune_layer, r.target, layout, ac, r.treatment)
-            warm[name] = lambda r=row: _layered(det, xs[:1], r.prune_layer, r.target, layout, ac, r.treatment)
+            fns[name] = lambda r=row: _layered(det, xs, r.prune_layer, r.target, layout, ac, r.treatment, scorer(r))
+            warm[name] = lambda r=row: _layered(det, xs[:1], r.prune_layer, r.target, layout, ac, r.treatment,
+                                                scorer(r))
             continue
         ks = [batch_inputs(det_u8, row.keep, slice(s, min(s + bs, n_t)), proto, device, dtype)[1]
               for s in range(0, n_t, bs)]
@@ -109,10 +114,11 @@ def _workload_key(row, n_t: int):
     """What a row's timed detector call depends on: its treatment, the layer where the
     detector chooses its own tokens (None: chosen before it) and how many tokens each
     timed image keeps (which tokens does not change the work), so a random row costs what
-    the BAViT row it copies the counts of costs, and an attention row never shares a
-    BAViT row's timing."""
+    the BAViT row it copies the counts of costs, and an in-detector row (attention, gate)
+    never shares another selector's timing."""
     kept = Grids.of(take(row.keep, np.arange(n_t))).sums()
-    return row.treatment, row.prune_layer, tuple(int(v) for v in kept)
+    return row.treatment, row.prune_layer, row.selector if row.prune_layer is not None else None, tuple(
+        int(v) for v in kept)
 
 
 def _dense(det, xs, ac):
@@ -131,10 +137,13 @@ def _bavit(bavit, xbs, ac):
             bavit.fg_prob(xb)
 
 
-def _layered(det, xs, layer, sparsity, layout, ac, treatment="drop"):
+def _layered(det, xs, layer, sparsity, layout, ac, treatment="drop", scorer=None):
+    scorer = scorer or {}
+    if scorer.get("threshold") is not None:
+        sparsity = None
     for x in xs:
         with torch.autocast(**ac):
-            layered_forward(det, x, layer, sparsity=sparsity, layout=layout, treatment=treatment)
+            layered_forward(det, x, layer, sparsity=sparsity, layout=layout, treatment=treatment, **scorer)
 
 
 def _pruned(det, xs, keeps, layout, ac, treatment="drop"):

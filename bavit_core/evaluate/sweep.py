@@ -10,6 +10,7 @@ image and its probabilities serve every operating point.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..data import open_dataset
 from ..data.images import decode_for_detector, resolve_paths
 from ..data.ragged import Grids
 from ..detection.accounting import bavit_gflops, detector_gflops, token_columns
+from ..detection.gate import load_gate
 from ..detection.cocoeval import category_map_for, coco_ground_truth, evaluate_many, read_category_map
 from ..detection.selection import oracle_keep, oracle_priority, sparsity_stats
 from ..detection.protocol import input_protocol
@@ -123,9 +125,11 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         size = tuple(read_manifest(opts.exported)["detector"]["input_size"])
     proto = input_protocol(opts.detector, tuple(size) if size else None, det.config.patch_size)
     n_layers = det.config.num_hidden_layers
-    if any(REGISTRY[s].in_detector for s in selectors) and opts.prune_at_layer >= n_layers:
+    if "attention" in selectors and opts.prune_at_layer >= n_layers:
         raise OptionError(f"--prune-at-layer {opts.prune_at_layer}: the detector has {n_layers} layers; "
                           f"give 0 to {n_layers - 1}")
+    gate = load_gate(opts.detector, det.config, device) if "gate" in selectors else None
+    layer_of = {"attention": opts.prune_at_layer, "gate": None if gate is None else gate.layer}
     ps = det.config.patch_size
     bavit = load_bavit(opts.model, device=device) if opts.model else None
     onnx_rt = _onnx_runtime(opts, det, proto.size, bavit, device)
@@ -187,7 +191,7 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
     bav_timed = None if bavit is None else stores[1][:n_timed]  # the BAViT inputs evaluation saw
     det_timed = det_u8[:n_timed]
 
-    rows = _per_treatment(_build_rows(opts, selectors, n, dgrid, probs, oracle_prio, engine),
+    rows = _per_treatment(_build_rows(opts, selectors, n, dgrid, probs, oracle_prio, engine, layer_of),
                           list(dict.fromkeys(opts.pruned_tokens)), opts.treatments_for)
 
     # ---- detections per row (per shard, gathered in image order) ----------------------------
@@ -198,7 +202,8 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         step = lambda a: tick(a, len(mine) * len(rows))  # noqa: E731
         if row.prune_layer is not None:  # an in-detector selector: its forward chooses the tokens
             return engine.detect_decoded_layered(det_u8, row.prune_layer, row.target, ids[mine], widths[mine],
-                                                 heights[mine], step, treatment=row.treatment)
+                                                 heights[mine], step, treatment=row.treatment,
+                                                 **_scorer(row, gate))
         return engine.detect_decoded(det_u8, take(row.keep, mine) if row.selector != "dense" else None, ids[mine],
                                      widths[mine], heights[mine], step, treatment=row.treatment), None
 
@@ -212,7 +217,8 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
 
     # ---- timing: dense, BAViT and every row, round robin -----------------------------------
     stage("timing")
-    timing, run_timing = time_rows(det, bavit, rows, det_timed, bav_timed, opts, device, dtype, layout, tick, proto)
+    timing, run_timing = time_rows(det, bavit, rows, det_timed, bav_timed, opts, device, dtype, layout, tick, proto,
+                                   scorer=lambda row: _scorer(row, gate))
 
     # ---- COCOeval, tokens, FLOPs ---------------------------------------------------------
     stage("COCOeval")
@@ -231,7 +237,8 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
         r.update(token_columns(sparsity_i, n_patches, det.config.num_hidden_layers,
                                bavit.cfg.n_tokens if bavit else 0, bavit.cfg.depth if bavit else 0, with_bavit,
                                row.treatment, dense_layers=row.prune_layer or 0))
-        g = detector_gflops(det.config, kept_i, n_patches, row.treatment, dense_layers=row.prune_layer)
+        g = detector_gflops(det.config, kept_i, n_patches, row.treatment, dense_layers=row.prune_layer,
+                            score_macs=n_patches * gate.macs_per_token() if row.selector == "gate" else None)
         if with_bavit:
             g += bavit_gflops(bavit.cfg)
         r["gflops"] = g
@@ -247,6 +254,14 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
                 "detector_tokens": {"mean": float(n_patches.mean()), "min": int(n_patches.min()),
                                     "max": int(n_patches.max())}, **run_timing}
     run_info["world_size"] = dist.world
+    if bavit is not None:  # a BAViT run trained jointly with a detector (finetune --joint): with this one?
+        joint = _joint_record(opts.model, opts.detector)
+        if joint is not None:
+            run_info["bavit_joint"] = joint
+    if gate is not None:  # what the gate rows ran: the gate beside the detector, as trained
+        from ..detection.gate import gate_info
+
+        run_info["gate"] = gate_info(opts.detector)
     write_results(out, results, rows, opts, aset, ids, missing, det, bavit, layout, time.perf_counter() - t_start,
                   run_info)
     return {"out": str(out), "rows": results, "n_images": n, "missing_images": len(missing),
@@ -254,7 +269,29 @@ def _prune_eval(opts, selectors, device, layout, dtype, dist, stage, stage_t, ti
             **run_info}
 
 
-def _build_rows(opts, selectors, n, dgrid, probs, oracle, engine) -> list[Row]:
+def _joint_record(model: str, detector: str) -> dict | None:
+    """The BAViT run's joint-training record (``finetune --joint``) and whether
+    ``detector`` is the detector it was trained with (``pair``); None for a BAViT trained alone."""
+    from ..bavit.runfiles import read_run_config
+
+    joint = read_run_config(model).get("joint")
+    if not isinstance(joint, dict):
+        return None
+    d = Path(detector)
+    return {**joint, "pair": d.exists() and str(joint.get("detector")) == str(d.resolve())}
+
+
+def _scorer(row, gate) -> dict:
+    """How an in-detector row's forward ranks or decides: the gate (its probabilities at
+    the row's threshold or target) or the layer's attention (at the target)."""
+    if row.selector != "gate":
+        return {}
+    if math.isnan(row.target):
+        return {"gate": gate, "threshold": row.threshold}
+    return {"gate": gate}
+
+
+def _build_rows(opts, selectors, n, dgrid, probs, oracle, engine, layer_of) -> list[Row]:
     """Every operating point's kept tokens, from the selector registry (selectors.py):
     thresholds, or target sparsities (BAViT's rows selected by ``engine`` at each point, as
     ``bavit detect`` selects)."""
@@ -269,7 +306,7 @@ def _build_rows(opts, selectors, n, dgrid, probs, oracle, engine) -> list[Row]:
                                  for s in opts.sparsities}
     specs = build_rows(selectors, x, opts.thresholds, opts.sparsities)
     return [Row(sel, thr, keep, policy=pol, target=tgt,
-                prune_layer=opts.prune_at_layer if REGISTRY[sel].in_detector else None)
+                prune_layer=layer_of[sel] if REGISTRY[sel].in_detector else None)
             for sel, thr, keep, pol, tgt in specs]
 
 

@@ -29,6 +29,8 @@ class FinetuneData:
     mean: tuple  # the input protocol's normalisation
     std: tuple
     rescale: float
+    bavit_images: np.ndarray | None = None  # (N, bh, bw, 3) uint8 at BAViT's size (joint training)
+    token_labels: np.ndarray | None = None  # (N, bh, bw) FG/BG on BAViT's grid (joint training's token loss)
 
 
 def label_map_for(aset: AnnotationSet, model_cfg=None) -> dict[int, int]:
@@ -41,7 +43,8 @@ def label_map_for(aset: AnnotationSet, model_cfg=None) -> dict[int, int]:
     return {cid: names.index(n) + 1 for cid, n in aset.categories.items()}
 
 
-def prepare(aset: AnnotationSet, idx: np.ndarray, proto, label_map, keep_sel, paths) -> FinetuneData:
+def prepare(aset: AnnotationSet, idx: np.ndarray, proto, label_map, keep_sel, paths,
+            keep_bavit_images: bool = False) -> FinetuneData:
     """Decode each image once: the detector's pixels through the input protocol (its
     processor's resize at the square size), box targets, and the kept-token grid (the
     BAViT selector gets BAViT-size copies from the same decode)."""
@@ -62,7 +65,20 @@ def prepare(aset: AnnotationSet, idx: np.ndarray, proto, label_map, keep_sel, pa
         targets.append((labels[ok], cxcywh[ok].astype(np.float32)))
     keep = keep_fn(idx, small) if keep_fn else None
     return FinetuneData(imgs, targets, keep, aset.image_ids[idx], aset.widths[idx], aset.heights[idx],
-                        proto.mean, proto.std, proto.rescale)
+                        proto.mean, proto.std, proto.rescale, small if keep_bavit_images else None)
+
+
+def token_labels_for(labels_path, image_ids, grid_shape) -> np.ndarray:
+    """The labels file's FG grids of ``image_ids`` (in that order), which must be on BAViT's
+    grid ``grid_shape`` (joint training's token loss compares them token by token)."""
+    from ..runtime.errors import InputFileError
+
+    grids = read_labels(labels_path).grids_for(image_ids, labels_path)
+    if tuple(grids.shape[1:]) != tuple(grid_shape):
+        raise InputFileError(labels_path, f"labels on a {grids.shape[1]}x{grids.shape[2]} grid; the BAViT run's "
+                                          f"token loss needs its own {grid_shape[0]}x{grid_shape[1]} grid "
+                                          "(label the images with bavit label at its input size)")
+    return grids.astype(np.int64)
 
 
 def keep_selector(opts: FinetuneOptions, aset, grid, device, labels_path):

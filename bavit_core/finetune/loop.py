@@ -38,7 +38,10 @@ from ..runtime.errors import InputFileError, OptionError
 from ..runtime.fileio import (atomic_write_text, check_new_run_dir, check_output_writable, refuse_output_over_inputs,
                               resolve_input_paths)
 from ..runtime.typed import load_typed, read_json_object
-from .data import FinetuneData, keep_selector, label_map_for, make_batch, prepare
+from ..detection.gate import GATE_CONFIG, GATE_WEIGHTS, default_hidden
+from .data import FinetuneData, keep_selector, label_map_for, make_batch, prepare, token_labels_for
+from .selective import (BAVIT_DIR, GatedDetector, GateTrainer, JointPair, JointTrainer, new_gate,
+                        save_selective)
 from .dense_aux import dense_aux_loss
 from .options import SELECTORS, FinetuneOptions
 
@@ -137,14 +140,35 @@ def _save_hf(model, dest: Path, proto: InputProtocol):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# what --overwrite replaces: the engine's files, the options, and the detectors (HF layout)
+# what --overwrite replaces: the engine's files, the options, the detectors (HF layout), a gate, a joint BAViT run
 RUN_FILES = (STATE_FILE, METRICS_FILE, OPTIONS_FILE, "config.json", "model.safetensors", "pytorch_model.bin",
-             "preprocessor_config.json", "generation_config.json", "last")
+             "preprocessor_config.json", "generation_config.json", "last", GATE_WEIGHTS, GATE_CONFIG, BAVIT_DIR)
 
 
-def _derive(out: Path, proto: InputProtocol, model, rows, epoch, selected) -> None:
+def _trainer(model, train, val, gt, grid, opts: FinetuneOptions, device):
+    """The trainer for this run: the detector's own (sparse fine-tuning, from scratch), or
+    one that trains what selects the tokens (a gate, BAViT jointly)."""
+    if opts.train_gate:
+        if opts.prune_at_layer >= model.config.num_hidden_layers:
+            raise OptionError(f"--prune-at-layer {opts.prune_at_layer}: the detector has "
+                              f"{model.config.num_hidden_layers} layers; give 0 to {model.config.num_hidden_layers - 1}")
+        opts.gate_hidden = opts.gate_hidden or default_hidden(model.config.hidden_size)  # recorded resolved
+        return GateTrainer(GatedDetector(model, new_gate(model, opts, device)), train, val, gt, opts, device)
+    if opts.joint:
+        bavit = load_bavit(opts.model, device=device).train()
+        if opts.token_loss_weight > 0:
+            train.token_labels = token_labels_for(opts.labels, train.ids, bavit.cfg.grid_shape)
+        return JointTrainer(JointPair(model, bavit), train, val, gt, grid, opts, device)
+    return _DetectorTrainer(model, train, val, gt, grid, opts, device)
+
+
+def _derive(out: Path, proto: InputProtocol, model, rows, epoch, selected, opts=None) -> None:
     """The detectors of the run from the state of ``epoch``: the selected one in the run
-    directory itself (so ``--detector RUN`` loads it), the last in ``last/``."""
+    directory itself (so ``--detector RUN`` loads it), the last in ``last/``; with a gate
+    or a jointly trained BAViT, those beside it (finetune/selective.py)."""
+    if isinstance(model, (GatedDetector, JointPair)):
+        save_selective(model, out, opts, rows, epoch, selected)
+        model = model.detector
     if selected:
         _save_hf(model, out, proto)
     _save_hf(model, out / "last", proto)
@@ -247,18 +271,19 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None, for
         train_idx = present
 
     keep_fn = keep_selector(opts, aset, grid, device, opts.labels)
-    train = prepare(aset, train_idx, proto, label_map, keep_fn, all_paths)
+    train = prepare(aset, train_idx, proto, label_map, keep_fn, all_paths, keep_bavit_images=opts.joint)
     val = gt = None
     if val_aset is not None:
-        vkeep = keep_selector(opts, val_aset, grid, device, opts.val_labels or opts.labels)
+        # the oracle's validation grids come from --val-labels; joint training's token loss never reads them
+        vkeep = keep_selector(opts, val_aset, grid, device, opts.val_labels or (None if opts.joint else opts.labels))
         # by name through the detector's labels (from scratch: the training split's classes), so a validation
         # split that lacks a class maps every other class as training does
         vmap = label_map_for(val_aset, None if val_aset.kind == "coco" else model.config)
-        val = prepare(val_aset, val_idx, proto, vmap, vkeep, val_paths)
+        val = prepare(val_aset, val_idx, proto, vmap, vkeep, val_paths, keep_bavit_images=opts.joint)
         gt = coco_ground_truth(val_aset, val.ids, vmap if val_aset.kind == "voc" else None)
 
-    trainer = _DetectorTrainer(model, train, val, gt, grid, opts, device)
-    run = RunDir(out, lambda m, rows, epoch, selected: _derive(out, proto, m, rows, epoch, selected), RUN_FILES)
+    trainer = _trainer(model, train, val, gt, grid, opts, device)
+    run = RunDir(out, lambda m, rows, epoch, selected: _derive(out, proto, m, rows, epoch, selected, opts), RUN_FILES)
     if not resume:
         doc = {"bavit_version": __version__, "options": asdict(opts), "train_images": trainer.n_train,
                "val_images": 0 if val is None else len(val.ids), "missing_images": len(missing),
@@ -275,6 +300,8 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None, for
             "score": trainer.score(chosen) if chosen else float("nan"), "best": sel.best, "rows": rows,
             "train_images": trainer.n_train, "val_images": 0 if val is None else len(val.ids),
             "world_size": dist.world, "train_sparsity": None if train.keep is None else float(1 - train.keep.mean()),
+            "trains": "gate" if opts.train_gate else "joint" if opts.joint else "detector", "chosen": chosen,
+            "target_sparsity": opts.target_sparsity, "prune_at_layer": opts.prune_at_layer, "threshold": opts.threshold,
             "skipped": "; ".join(x for x in (aset.skipped_summary(), val_aset.skipped_summary()
                                              if val_aset is not None and val_aset is not aset else "") if x)}
 

@@ -48,8 +48,23 @@ class FinetuneOptions:
     max_images: int | None = None
     select: str = "last"
     out: str = "detectors/yolos-F"
+    # training what selects the tokens (finetune/selective.py)
+    train_gate: bool = False  # the detector frozen, a token gate after layer prune_at_layer trained
+    joint: bool = False  # BAViT (--model) and the detector trained together
+    target_sparsity: float | None = None  # the kept share the keep-ratio loss holds: 1 - this
+    prune_at_layer: int = 2  # the gate's layer (dense layers before it decides)
+    gate_hidden: int | None = None  # the gate MLP's width [default: max(16, hidden / 4)]
+    relaxation: str = "ste"  # ste (straight-through) or gumbel (with logistic noise)
+    temperature: float = 1.0  # the relaxation's temperature
+    ratio_weight: float = 100.0  # weight of the keep-ratio loss
+    token_loss_weight: float = 1.0  # joint: weight of BAViT's token loss (eq. 3, on --labels)
+
+    @property
+    def trains_selection(self) -> bool:
+        return self.train_gate or self.joint
 
     def validate(self):
+        self._validate_selective()
         if self.selector not in SELECTORS:
             raise OptionError(f"unknown --selector {self.selector!r}; choose one of {', '.join(SELECTORS)}")
         if self.selector == "oracle" and not self.labels:
@@ -72,6 +87,56 @@ class FinetuneOptions:
         if not 0.0 <= self.threshold <= 1.0:
             raise OptionError(f"--threshold must be in [0, 1], got {self.threshold}")
         self._validate_ranges()
+
+    def _validate_selective(self) -> None:
+        """--train-gate and --joint (finetune/selective.py)."""
+        import math
+
+        from ..detection.gate import RELAXATIONS
+
+        if not self.trains_selection:
+            return
+        flag = "--train-gate" if self.train_gate else "--joint"
+        if self.train_gate and self.joint:
+            raise OptionError("--train-gate trains a gate for a frozen detector, --joint trains BAViT with the "
+                              "detector: choose one")
+        if self.target_sparsity is None or not 0.0 < self.target_sparsity < 1.0:
+            raise OptionError(f"{flag} needs --target-sparsity S with 0 < S < 1"
+                              + ("" if self.target_sparsity is None else f", got {self.target_sparsity}"))
+        if self.from_scratch or not self.detector:
+            raise OptionError(f"{flag} trains with a trained detector: give --detector NAME|DIR (not --from-scratch)")
+        if self.dense_aux:
+            raise OptionError(f"--dense-aux does not go with {flag} (its per-token loss reads the dropped tokens)")
+        if self.pruned_tokens != "drop":
+            raise OptionError(f"{flag} trains with pruned tokens dropped: leave --pruned-tokens at drop "
+                              "(prune-eval evaluates the result under every treatment)")
+        if self.relaxation not in RELAXATIONS:
+            raise OptionError(f"unknown --relaxation {self.relaxation!r}; choose {' or '.join(RELAXATIONS)}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise OptionError(f"--temperature must be positive, got {self.temperature}")
+        if not (self.ratio_weight >= 0 and math.isfinite(self.ratio_weight)):
+            raise OptionError(f"--ratio-weight must be >= 0, got {self.ratio_weight}")
+        if self.train_gate:
+            if self.selector != "none":
+                raise OptionError("--train-gate: the gate chooses the tokens; drop --selector")
+            if self.prune_at_layer < 0:
+                raise OptionError(f"--prune-at-layer must be at least 0, got {self.prune_at_layer}")
+            if self.gate_hidden is not None and self.gate_hidden < 1:
+                raise OptionError(f"--gate-hidden must be at least 1, got {self.gate_hidden}")
+            return
+        if not self.model:
+            raise OptionError("--joint trains a BAViT run with the detector: give --model RUN")
+        if self.selector == "oracle":
+            raise OptionError("--joint: BAViT chooses the tokens; drop --selector oracle")
+        self.selector = "bavit"
+        if self.resample != "nearest":
+            raise OptionError("--joint brings BAViT's decisions to the detector grid by nearest cells: leave "
+                              "--resample at nearest")
+        if not (self.token_loss_weight >= 0 and math.isfinite(self.token_loss_weight)):
+            raise OptionError(f"--token-loss-weight must be >= 0, got {self.token_loss_weight}")
+        if self.token_loss_weight > 0 and not self.labels:
+            raise OptionError("--joint keeps BAViT's token loss (eq. 3): give --labels PARQUET of the training "
+                              "images, or --token-loss-weight 0")
 
     def _validate_ranges(self) -> None:
         """Every remaining option checked before any work (#13)."""

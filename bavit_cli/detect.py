@@ -16,8 +16,9 @@ def detect(
     images: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns (quote them)."),
     model: Optional[Path] = typer.Option(None, "--model", help="BAViT run directory [default: none, the dense detector]."),
     detector: str = typer.Option("hustvl/yolos-tiny", "--detector", help="HF hub name (needs a network) or local YOLOS directory."),
+    gate: bool = typer.Option(False, "--gate", help="The trained token gate beside --detector (bavit finetune --train-gate) chooses the tokens after its layer, instead of BAViT: --threshold is its drop probability [default 0.5, its own decision], --sparsity per image (topk)."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Share of the detector's tokens to prune (with --policy topk: in every image; threshold: on average over --calibrate-on)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep a token when BAViT's BG probability is below this [default with --model and no --sparsity: 0.5, BAViT's own decision]."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep a token when BAViT's BG probability (with --gate: the gate's drop probability) is below this [default with --model or --gate and no --sparsity: 0.5, the selector's own decision]."),
     policy: Optional[str] = typer.Option(None, "--policy", help="How --sparsity is reached: topk (each image keeps the same count) or threshold (one threshold placed on --calibrate-on) [default: topk, threshold with --calibrate-on]."),
     calibrate_on: Optional[List[str]] = typer.Option(None, "--calibrate-on", help="Images (files, folders, patterns; repeatable) on which --sparsity's threshold is placed (--policy threshold)."),
     pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="What happens to pruned tokens: drop (the paper), pool (one mean token) or preserve (frozen keys/values)."),
@@ -43,12 +44,13 @@ def detect(
         bavit detect photos/ --model runs/bavit-small --detector hustvl/yolos-tiny --sparsity 0.35 --out det/
     Dense reference:  bavit detect photos/ --out det-dense/
     Calibrated:       bavit detect photos/ --model runs/bavit-small --sparsity 0.35 --policy threshold --calibrate-on val/
+    Trained gate:     bavit detect photos/ --detector runs/gated --gate --out det-gate/
     """
     from bavit_core.data.grid import parse_size
     from bavit_core.detect.run import STAGES, DetectOptions, detect_images
 
     opts = DetectOptions(
-        images=list(images), out=str(out), model=str(model) if model else None, detector=detector,
+        images=list(images), out=str(out), model=str(model) if model else None, detector=detector, gate=gate,
         threshold=threshold, sparsity=sparsity, policy=policy, calibrate_on=list(calibrate_on) if calibrate_on else None,
         pruned_tokens=pruned_tokens, detector_size=parse_size(detector_size) if detector_size else None,
         runtime=runtime, exported=str(exported) if exported else None, device=device, batch_size=batch_size,
@@ -61,6 +63,11 @@ def detect(
             ("operating point", r["operating_point"]), ("input", r["input_protocol"]), ("runtime", r["runtime"]),
             ("mean sparsity", f"{r['mean_sparsity']:.3f}"), ("detections written", r["detections"]),
             ("seconds", f"{r['seconds']:.1f}")]
+    if r["gate"]:
+        g = r["gate"]
+        t = g.get("target_sparsity")
+        target = f", trained for sparsity {t:g}" if isinstance(t, (int, float)) else ""
+        rows.insert(2, ("gate", f"{g['detector']}: after layer {g['layer']}{target}"))
     if r["calibration"]:
         c = r["calibration"]
         rows.insert(2, ("calibration", f"{c['images']} images, sparsity reached {c['sparsity_reached']:.3f}"))
@@ -69,5 +76,8 @@ def detect(
         first = r["skipped"][0]
         err_console.print(f"Skipped {len(r['skipped'])} unreadable image(s) (listed in detect.json); first: "
                           f"{first['file']}: {first['problem']}", highlight=False, soft_wrap=True, markup=False)
+    if not gate and model is None and detector and (Path(detector) / "gate.json").is_file():
+        err_console.print(f"Note: {detector} has a trained token gate; this run used every token (--gate uses it)",
+                          highlight=False, soft_wrap=True, markup=False)
     console.print(f"Wrote {r['out']}/detections.json, summary.csv, "
                   f"{'overlays/, ' if not no_overlays else ''}detect.json", soft_wrap=True, highlight=False)

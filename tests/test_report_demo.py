@@ -73,6 +73,7 @@ def test_report_tables_figures_and_index(demo_dir):
     assert list(t2[0]) == ["model", "selector", "target", "treatment", "sparsity %", "mAP", "BAViT", "YOLOS", "YOLOS pruned",
                            "YOLOS+BAViT", "% reduction", "speedup"]
     assert t2[0]["model"] == "YOLOS" and t2[1]["model"] == "BAViT+YOLOS" and t2[-1]["model"] == "BAViT+YOLOS-F"
+    assert {r["model"] for r in t2 if r["selector"] == "attention"} == {"YOLOS (attention@4)"}  # named with its layer
     targets = ["0.10", "0.25", "0.40", "0.50", "0.70", "0.85"]
     for k in ("drop", "preserve"):
         assert [r["target"] for r in t2 if r["selector"] == "bavit" and r["treatment"] == k

@@ -11,7 +11,14 @@ and every BAViT row of prune-eval's sweep:
   sparsity over a set of images is S: over the images being evaluated (prune-eval, exactly
   S with ties broken pseudo-randomly), or calibrated once on a set the user names and then
   applied as a fixed ``threshold`` to any image (:meth:`OperatingPoint.calibrated`);
-* no BAViT (``dense``) — every token.
+* no BAViT (``dense``) — every token;
+* a trained token gate inside the detector (``gate_layer`` k, ``bavit finetune
+  --train-gate``): k layers run dense, then the gate's drop probability 1 − σ(z) of each
+  patch token plays BAViT's BG probability — ``threshold`` T prunes a token when it is at
+  least T (0.5: the gate's own decision, per image), ``sparsity`` S keeps each image's top
+  ceil((1 − S)·P) (``topk`` only: the tokens are chosen inside the forward, so there is no
+  set-wide threshold to place). Its tokens come from
+  :func:`~bavit_core.detection.layered.layered_forward`, not :meth:`OperatingPoint.select`.
 
 ``treatment`` says what happens to the pruned tokens (detection/pruned.py).
 """
@@ -34,6 +41,7 @@ class OperatingPoint:
     policy: str = "threshold"  # how a sparsity is reached: threshold (global) or topk (per image)
     treatment: str = "drop"  # what happens to the pruned tokens
     dense: bool = False  # no BAViT: every token
+    gate_layer: int | None = None  # a trained gate after this many detector layers chooses the tokens
 
     def check(self) -> "OperatingPoint":
         """Refuse inconsistent or out-of-range values (one OptionError naming the option)."""
@@ -42,9 +50,14 @@ class OperatingPoint:
         if self.treatment not in TREATMENTS:
             raise OptionError(f"unknown --pruned-tokens {self.treatment!r}; choose {', '.join(TREATMENTS)}")
         if self.dense:
+            if self.gate_layer is not None:
+                raise OptionError("a gate point is not dense: give dense=False")
             if self.threshold is not None or self.sparsity is not None:
                 raise OptionError("--threshold and --sparsity choose BAViT's tokens: they need --model RUN")
             return self
+        if self.gate_layer is not None and self.policy == "threshold" and self.sparsity is not None:
+            raise OptionError("--gate reaches a --sparsity in every image (--policy topk) only: "
+                              "drop --policy threshold and --calibrate-on, or give --threshold T")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise OptionError(f"--threshold must lie in [0, 1]; got {self.threshold}")
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -61,12 +74,24 @@ class OperatingPoint:
     @property
     def needs_calibration(self) -> bool:
         """A target sparsity under the threshold policy, not yet turned into a threshold."""
-        return not self.dense and self.policy == "threshold" and self.sparsity is not None and self.threshold is None
+        return not self.dense and self.gate_layer is None and self.policy == "threshold" and \
+            self.sparsity is not None and self.threshold is None
+
+    @property
+    def gate(self) -> bool:
+        """The tokens are chosen by a trained gate inside the detector."""
+        return self.gate_layer is not None
 
     def describe(self) -> str:
         if self.dense:
             return "dense (every token)"
         t = "" if self.treatment == "drop" else f", pruned tokens {self.treatment}"
+        if self.gate:
+            g = f"gate after layer {self.gate_layer}: "
+            if self.sparsity is not None:
+                return f"{g}sparsity {self.sparsity:g} per image (topk){t}"
+            own = " (its own decision)" if self.threshold == 0.5 else ""
+            return f"{g}drop-probability threshold {self.threshold:g}{own}{t}"
         if self.policy == "topk":
             return f"sparsity {self.sparsity:g} per image (topk){t}"
         if self.sparsity is not None:
@@ -74,8 +99,11 @@ class OperatingPoint:
         return f"BG-probability threshold {self.threshold:g}{t}"
 
     def as_dict(self) -> dict:
-        return {"threshold": self.threshold, "sparsity": self.sparsity, "policy": self.policy,
-                "treatment": self.treatment, "dense": self.dense, "description": self.describe()}
+        d = {"threshold": self.threshold, "sparsity": self.sparsity, "policy": self.policy,
+             "treatment": self.treatment, "dense": self.dense, "description": self.describe()}
+        if self.gate:  # (only then: BAViT points keep the keys earlier detect.json files hold)
+            d.update(selector="gate", gate_layer=self.gate_layer)
+        return d
 
     def select(self, probs, grid, resample: str = "nearest", postprocess_steps: int = 0, seed=0,
                n: int | None = None):
@@ -85,6 +113,9 @@ class OperatingPoint:
         reached over this set for a threshold-policy sparsity not yet calibrated (NaN for
         topk and dense)."""
         nan = float("nan")
+        if self.gate:
+            raise OptionError("a gate's tokens are chosen inside the detector's forward "
+                              "(PrunedDetector runs it), not from BAViT's probabilities")
         if self.dense:  # ``n`` images (default: as many as probs or grids)
             n = n if n is not None else len(probs) if probs is not None else len(grid)
             return dense_keep(n, grid), nan

@@ -1,16 +1,21 @@
-""":class:`PrunedDetector`: YOLOS computing only the tokens BAViT keeps, at one operating
-point, on any images — the library behind ``bavit detect`` and the forward prune-eval's
-sweep runs for each of its rows (so the three cannot drift apart).
+""":class:`PrunedDetector`: YOLOS computing only the tokens BAViT keeps (or its own trained
+token gate keeps), at one operating point, on any images — the library behind ``bavit
+detect`` and the forward prune-eval's sweep runs for each of its rows (so the three cannot
+drift apart).
 
     >>> det = PrunedDetector.load(model="runs/bavit-small", detector="hustvl/yolos-tiny", sparsity=0.35)
     >>> [r] = det(["photo.jpg"])
     >>> r.boxes, r.names, r.scores, r.keep.mean(), r.detector_ms
+    >>> gated = PrunedDetector.load(detector="runs/gated", gate=True)  # bavit finetune --train-gate's output
 
 Images go through the detector's input protocol (its own processor by default, or a
 square size) and BAViT's input size exactly as prune-eval decodes a dataset; BAViT's FG
 probabilities become kept tokens by :class:`~bavit_core.detect.point.OperatingPoint`; the
 pruned forward is :func:`~bavit_core.detection.pruned.pruned_forward` (or the exported
-graphs in ONNX Runtime); detections are the detection tokens' best class and box in the
+graphs in ONNX Runtime). With ``gate=True`` no BAViT runs: the gate saved beside the
+detector (``gate.json``, ``gate.safetensors``) scores the patch tokens after its layer k
+inside :func:`~bavit_core.detection.layered.layered_forward` — the forward prune-eval's
+``gate`` rows run. Detections are the detection tokens' best class and box in the
 original image's pixels (the same arithmetic as transformers' post-processing).
 """
 from __future__ import annotations
@@ -42,7 +47,10 @@ class ImageDetections:
     ``labels`` the detector's label ids, ``names`` their names, ``scores`` (K,), best first;
     ``keep`` (gh, gw) the tokens the detector computed on its grid; ``size`` the original
     (h, w) and ``input_size`` the detector input's (H, W); per-image milliseconds (its share
-    of its batch's wall time)."""
+    of its batch's wall time). With a trained gate (``PrunedDetector.load(gate=True)``)
+    ``keep`` is the gate's choice after its layer k (the first k layers still ran on every
+    token), ``bavit_ms`` is 0 and the gate's cost is folded into ``detector_ms``: it runs
+    inside the detector's forward."""
     boxes: np.ndarray
     labels: np.ndarray
     names: list
@@ -85,16 +93,27 @@ def _sync(device) -> None:
 
 class PrunedDetector:
     """A YOLOS detector with BAViT's token selection at one operating point (``point``).
-    Build it with :meth:`load`; call it on images. ``bavit`` None: the dense detector."""
+    Build it with :meth:`load`; call it on images. ``bavit`` None: the dense detector, or,
+    with ``gate`` (a :class:`~bavit_core.detection.gate.TokenGate`) and a gate ``point``,
+    the detector choosing its own tokens after the gate's layer."""
 
     def __init__(self, detector, bavit=None, protocol=None, point: OperatingPoint | None = None, *,
                  device=None, dtype=torch.float32, layout: str | None = None, batch_size: int = 8,
                  resample: str = "nearest", postprocess_steps: int = 0, seed: int = 0, onnx=None,
-                 score_threshold: float = 0.5):
+                 score_threshold: float = 0.5, gate=None, gate_info: dict | None = None):
         self.detector, self.bavit, self.protocol = detector, bavit, protocol
         self.point = (point or OperatingPoint(dense=bavit is None)).check()
-        if not self.point.dense and bavit is None and onnx is None:
+        if self.point.gate:
+            if gate is None:
+                raise OptionError("a gate operating point needs the gate (PrunedDetector.load(..., gate=True))")
+            if gate.layer != self.point.gate_layer:
+                raise OptionError(f"the gate reads layer {gate.layer}, the operating point says "
+                                  f"{self.point.gate_layer}")
+            if onnx is not None:
+                raise OptionError("--runtime onnx runs the exported graphs, which hold no gate: use --runtime torch")
+        elif not self.point.dense and bavit is None and onnx is None:
             raise OptionError("this operating point needs a BAViT model (--model RUN)")
+        self.gate, self.gate_info = gate, gate_info
         self.device = torch.device(device) if device is not None else next(detector.parameters()).device
         self.dtype = dtype
         self.layout = layout or ("pad" if self.device.type == "cuda" else "pack")
@@ -112,26 +131,52 @@ class PrunedDetector:
              sparsity: float | None = None, policy: str | None = None, calibrate_on=None, pruned_tokens: str = "drop",
              detector_size: tuple[int, int] | None = None, runtime: str = "torch", exported: str | Path | None = None,
              device: str = "auto", batch_size: int = 8, score_threshold: float = 0.5, resample: str = "nearest",
-             seed: int = 0, progress: Callable[[int, int], None] | None = None) -> "PrunedDetector":
+             seed: int = 0, progress: Callable[[int, int], None] | None = None,
+             gate: bool = False) -> "PrunedDetector":
         """Load the detector (hub name or directory) and, with ``model`` (a BAViT run
         directory), BAViT; the operating point is ``threshold`` (BG probability; default 0.5,
         BAViT's own decision), or ``sparsity`` with ``policy`` ``topk`` (default) or
         ``threshold`` (then calibrated on ``calibrate_on``: paths, folders or patterns, or a
         list of images). ``runtime="onnx"`` runs the graphs ``bavit export`` wrote to
-        ``exported`` in ONNX Runtime (square protocol at their size, ``drop`` only)."""
+        ``exported`` in ONNX Runtime (square protocol at their size, ``drop`` only).
+
+        ``gate=True`` (instead of ``model``): the token gate saved beside ``detector`` (a
+        directory from ``bavit finetune --train-gate``) chooses the tokens after its layer;
+        ``threshold`` is then its drop probability 1 − σ(z) at which a token is pruned
+        (default 0.5: the gate's own decision, a different share per image) and
+        ``sparsity`` keeps every image's top share (topk only: no ``calibrate_on``).
+        ``bavit_ms`` is 0 and the gate's cost is part of ``detector_ms``. PyTorch only."""
         from ..bavit.model import load_bavit
+        from ..detection.gate import has_gate, gate_info, load_gate
         from ..detection.protocol import input_protocol
         from ..detection.yolos import load_detector
         from ..runtime.devices import resolve_device
+        from ..runtime.fileio import sha256_file
         from ..runtime.options import check_option_values
 
         check_option_values(device, {"runtime": (runtime, ("torch", "onnx")), "resample": (resample, ("nearest", "any"))},
                             batch_size=(batch_size, 1))
+        info = None
+        if gate:  # one selector at a time; the gate runs in PyTorch only, reaching a target per image
+            if model is not None:
+                raise OptionError("--gate and --model are two token selectors: give one (the gate beside "
+                                  "--detector, or a BAViT run)")
+            if runtime == "onnx":
+                raise OptionError("--runtime onnx runs exported graphs, and bavit export writes no gate graph: "
+                                  "run --gate with --runtime torch")
+            if calibrate_on is not None or (policy == "threshold" and sparsity is not None):
+                raise OptionError("--gate reaches a --sparsity in every image (--policy topk) only: "
+                                  "drop --policy threshold and --calibrate-on, or give --threshold T")
+            if not has_gate(detector):
+                raise OptionError(f"--gate uses the gate beside --detector, and {detector} has none (no gate.json); "
+                                  "train one with bavit finetune --train-gate")
+            info = gate_info(detector)
         if policy is None:
             policy = "threshold" if calibrate_on is not None or sparsity is None else "topk"
-        if model is not None and threshold is None and sparsity is None:
+        if (model is not None or gate) and threshold is None and sparsity is None:
             threshold = 0.5
-        point = OperatingPoint(threshold, sparsity, policy, pruned_tokens, dense=model is None).check()
+        point = OperatingPoint(threshold, sparsity, policy, pruned_tokens, dense=model is None and not gate,
+                               gate_layer=info["layer"] if gate else None).check()
         if calibrate_on is not None and not point.needs_calibration:
             raise OptionError("--calibrate-on places the threshold for a --sparsity under --policy threshold; "
                               "this operating point needs no calibration")
@@ -158,12 +203,17 @@ class PrunedDetector:
             size = size or tuple(read_manifest(exported)["detector"]["input_size"])
         proto = input_protocol(detector, size, det.config.patch_size)
         bavit = load_bavit(model, device=dev) if model is not None else None
+        token_gate = None
+        if gate:  # checked against the detector: its width, its layer count
+            token_gate = load_gate(detector, det.config, dev)
+            weights = Path(detector) / "gate.safetensors"
+            info = {"detector": str(detector), **info, "sha256": sha256_file(weights)}
         if runtime == "onnx":
             from ..export.ort import ExportedModels
 
             onnx = ExportedModels(exported, det, proto.size, bavit, str(dev))
         self = cls(det, bavit, proto, point, device=dev, batch_size=batch_size, resample=resample, seed=seed,
-                   onnx=onnx, score_threshold=score_threshold)
+                   onnx=onnx, score_threshold=score_threshold, gate=token_gate, gate_info=info)
         if point.needs_calibration:
             self.calibrate(calibrate_on, progress)
         return self
@@ -232,22 +282,30 @@ class PrunedDetector:
         a trained ``gate`` at that target or at a drop-probability ``threshold`` (then
         ``sparsity`` is NaN). The COCO result dicts and every image's kept tokens ((P_i,)
         bool, row-major)."""
-        from ..detection.layered import layered_forward
-
         out, keeps = [], []
         n = len(det_u8)
         for s in range(0, n, self.batch_size):
             sl = slice(s, min(s + self.batch_size, n))
-            x, _ = batch_inputs(det_u8, None, sl, self.protocol, self.device, self.dtype)
-            with torch.inference_mode(), torch.autocast(**autocast_args(self.device, self.dtype)):
-                r = layered_forward(self.detector, x, layer, sparsity=None if threshold is not None else sparsity,
-                                    layout=self.layout, treatment=treatment or self.point.treatment, gate=gate,
-                                    threshold=threshold)
-            out += detections_from_outputs(r.logits, r.pred_boxes, ids[sl], widths[sl], heights[sl])
-            keeps += [k.cpu().numpy() for k in r.keep]
+            logits, boxes, k = self.forward_layered(det_u8, sl, layer, sparsity, treatment, gate, threshold)
+            out += detections_from_outputs(logits, boxes, ids[sl], widths[sl], heights[sl])
+            keeps += k
             if progress:
                 progress(sl.stop - sl.start)
         return out, keeps
+
+    def forward_layered(self, det_u8, sl: slice, layer: int, sparsity: float | None = None,
+                        treatment: str | None = None, gate=None, threshold: float | None = None):
+        """The detector on images ``sl`` of ``det_u8`` choosing its own tokens after ``layer``
+        layers (:meth:`detect_decoded_layered`; ``bavit detect --gate`` and prune-eval's
+        gate rows both come here) → (logits, boxes, kept tokens per image ((P_i,) bool))."""
+        from ..detection.layered import layered_forward
+
+        x, _ = batch_inputs(det_u8, None, sl, self.protocol, self.device, self.dtype)
+        with torch.inference_mode(), torch.autocast(**autocast_args(self.device, self.dtype)):
+            r = layered_forward(self.detector, x, layer, sparsity=None if threshold is not None else sparsity,
+                                layout=self.layout, treatment=treatment or self.point.treatment, gate=gate,
+                                threshold=threshold)
+        return r.logits, r.pred_boxes, [k.cpu().numpy() for k in r.keep]
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, images, progress: Callable[[int, int], None] | None = None) -> "PrunedDetector":
@@ -306,18 +364,30 @@ class PrunedDetector:
             det_u8 = np.stack(det_u8)
         grid = self.grids(det_u8)
         t0 = time.perf_counter()
-        probs = self.bavit_probs(np.stack([d[1] for d in decoded])) if not self.point.dense else None
-        t1 = time.perf_counter()
-        keep, _ = self.select(probs, grid, n=n)
-        _sync(self.device)
-        t2 = time.perf_counter()
-        logits, boxes = self.forward(det_u8, None if self.point.dense else keep, slice(0, n))
-        _sync(self.device)
-        t3 = time.perf_counter()
+        if self.point.gate:  # the detector chooses its tokens: no BAViT, the gate's cost is the detector's
+            t1 = t0
+            _sync(self.device)
+            t2 = time.perf_counter()
+            logits, boxes, kept = self.forward_layered(det_u8, slice(0, n), self.point.gate_layer,
+                                                       self.point.sparsity, gate=self.gate,
+                                                       threshold=self.point.threshold)
+            _sync(self.device)
+            t3 = time.perf_counter()
+            shapes = [grid] * n if isinstance(grid, tuple) else [tuple(g) for g in grid]
+            grids = [k.reshape(s) for k, s in zip(kept, shapes)]
+        else:
+            probs = self.bavit_probs(np.stack([d[1] for d in decoded])) if not self.point.dense else None
+            t1 = time.perf_counter()
+            keep, _ = self.select(probs, grid, n=n)
+            _sync(self.device)
+            t2 = time.perf_counter()
+            logits, boxes = self.forward(det_u8, None if self.point.dense else keep, slice(0, n))
+            _sync(self.device)
+            t3 = time.perf_counter()
+            grids = Grids.of(keep)
         hw = [d[2] for d in decoded]
         dets = detections_from_outputs(logits, boxes, range(n), [w for _, w in hw], [h for h, _ in hw])
         per = len(dets) // n
-        grids = Grids.of(keep)
         out = []
         for i in range(n):
             mine = [d for d in dets[i * per:(i + 1) * per] if d["score"] > thr]
@@ -333,11 +403,14 @@ class PrunedDetector:
         return out
 
     def describe(self) -> dict:
-        """What this detector runs: operating point, protocol, runtime (for outputs' metadata)."""
+        """What this detector runs: operating point, protocol, runtime (for outputs' metadata);
+        ``gate``: the trained gate's record (its gate.json — ``layer``, ``target_sparsity``
+        it was trained for, … — with its directory and weights' sha256), None without one."""
         return {"operating_point": self.point.as_dict(), "input_protocol": self.protocol.as_dict(),
                 "runtime": "onnx" if self.onnx is not None else "torch", "layout": self.layout,
                 "resample": self.resample, "calibration": self.calibration,
-                "bavit_input_size": list(self.bavit_size) if self.bavit_size else None}
+                "bavit_input_size": list(self.bavit_size) if self.bavit_size else None,
+                "gate": self.gate_info if self.point.gate else None}
 
 
 __all__ = ["DEFAULT_DETECTOR", "ImageDetections", "OperatingPoint", "PrunedDetector"]

@@ -1,5 +1,7 @@
 """``bavit detect``: a PrunedDetector over a stream of image files into an output directory
-that a rerun resumes (images already written are skipped)."""
+that a rerun resumes (images already written are skipped). The tokens come from BAViT
+(``model``), from the trained gate beside the detector (``gate``) or from nowhere (dense);
+the outputs are the same in each case."""
 from __future__ import annotations
 
 import time
@@ -20,14 +22,14 @@ from .sources import as_pil, check_header, find_images, to_inputs
 STAGES = ("loading", "detecting", "writing")  # loading counts the calibration images, if any
 # what must be the same for a rerun to add to an output directory
 SETTINGS = ("detector", "model", "model_sha256", "operating_point", "input_protocol", "runtime", "exported",
-            "score_threshold", "resample")
+            "score_threshold", "resample", "gate")
 
 
 @dataclass
 class DetectOptions:
     images: list[str]
     out: str = "detections"
-    model: str | None = None  # BAViT run directory; None: the dense detector
+    model: str | None = None  # BAViT run directory; None: the dense detector (or, with gate, the gated one)
     detector: str = DEFAULT_DETECTOR
     threshold: float | None = None
     sparsity: float | None = None
@@ -42,6 +44,7 @@ class DetectOptions:
     score_threshold: float = 0.5
     overlays: bool = True
     strict: bool = False
+    gate: bool = False  # the trained token gate beside ``detector`` chooses the tokens (no BAViT)
 
 
 def _check(opts: DetectOptions) -> Path:
@@ -60,7 +63,8 @@ def _settings(opts: DetectOptions, det: PrunedDetector) -> dict:
         (Path(opts.model) / "model.safetensors").is_file() else None
     return {"detector": opts.detector, "model": opts.model, "model_sha256": model_sha,
             "operating_point": d["operating_point"], "input_protocol": d["input_protocol"], "runtime": d["runtime"],
-            "exported": opts.exported, "score_threshold": opts.score_threshold, "resample": d["resample"]}
+            "exported": opts.exported, "score_threshold": opts.score_threshold, "resample": d["resample"],
+            "gate": d["gate"]}
 
 
 def _same(old: dict, new: dict) -> str | None:
@@ -95,7 +99,8 @@ def detect_images(opts: DetectOptions, progress: Callable[[int, int], None] | No
                               policy=opts.policy, calibrate_on=opts.calibrate_on or None,
                               pruned_tokens=opts.pruned_tokens, detector_size=opts.detector_size,
                               runtime=opts.runtime, exported=opts.exported, device=opts.device,
-                              batch_size=opts.batch_size, score_threshold=opts.score_threshold, progress=tick)
+                              batch_size=opts.batch_size, score_threshold=opts.score_threshold, progress=tick,
+                              gate=opts.gate)
     settings = _settings(opts, det)
     if old_meta is not None:
         diff = _same(old_meta.get("settings", {}), settings)
@@ -166,6 +171,6 @@ def detect_images(opts: DetectOptions, progress: Callable[[int, int], None] | No
     return {"out": str(out), "n_images": len(records), "new_images": new, "resumed_images": len(done),
             "skipped": skipped, "found": len(sources), "seconds": meta["seconds"], **info,
             "operating_point": det.point.describe(), "input_protocol": det.protocol.describe(),
-            "calibration": det.calibration, "runtime": settings["runtime"],
+            "calibration": det.calibration, "runtime": settings["runtime"], "gate": settings["gate"],
             "mean_sparsity": sum(r["sparsity"] for r in records) / len(records)}
 

@@ -10,6 +10,17 @@ import numpy as np
 MODEL_NAMES = {"bavit": "BAViT+YOLOS", "oracle": "Oracle+YOLOS", "random": "Random+YOLOS", "dense": "YOLOS"}
 
 
+def _model(r: dict) -> str:
+    """The model column: a selector inside the detector is named with its layer,
+    e.g. ``YOLOS (gate@2)``."""
+    if r.get("model"):
+        return r["model"]
+    layer = r.get("prune_layer")
+    if layer is not None and not _nan(layer):
+        return f"YOLOS ({r['selector']}@{int(float(layer))})"
+    return MODEL_NAMES.get(r["selector"], r["selector"])
+
+
 def _fmt(v, p=2):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -47,7 +58,7 @@ def table2(rows: list[dict]) -> list[dict]:
     for r in rows:
         noisy = "*" if r.get("timing_noisy") else ""
         out.append({
-            "model": r.get("model") or MODEL_NAMES.get(r["selector"], r["selector"]),
+            "model": _model(r),
             "selector": r["selector"],
             "target": _point(r),
             "treatment": r.get("treatment", "drop"),
@@ -68,7 +79,7 @@ def table2_details(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         out.append({
-            "model": r.get("model") or MODEL_NAMES.get(r["selector"], r["selector"]),
+            "model": _model(r),
             "target": _point(r),
             "policy": r.get("policy", "-") if not _nan(r.get("target")) else "-",
             "BG threshold": _fmt(r["threshold"], 3),

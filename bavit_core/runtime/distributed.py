@@ -108,7 +108,12 @@ class Dist:
             torch.distributed.barrier()
 
     def close(self):
+        """Leave the group together: a process that finished its share early (prune-eval's
+        ranks > 0, while rank 0 times and scores) waits here for the others before the group
+        is destroyed; destroying it under a peer still using it aborted the process
+        ("terminate called without an active exception") on a loaded machine."""
         if self.owns_group:
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 

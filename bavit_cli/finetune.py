@@ -37,7 +37,7 @@ def finetune(
     pruned_tokens: str = typer.Option("drop", "--pruned-tokens", help="What happens to pruned tokens in training and "
                                       "validation: drop (the paper), pool (one mean token) or preserve (frozen keys/values)."),
     detector_size: Optional[str] = typer.Option(None, "--detector-size", help="Square training size, N or HxW, written to the detector's preprocessor_config.json [default: the --detector's own square size, else its processor's shortest edge (hustvl/yolos-tiny: 512), else 512]."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [default: 30; with --resume: the run's own, or extend it to N]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs [default: 30; with --resume: the run's own, or extend it to N (--schedule step runs only: a cosine schedule spans its own length)]."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per step and per process."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="AdamW weight decay."),

@@ -243,7 +243,7 @@ def test_a_damaged_gate_is_one_error_line(gated, tmp_path):
     (det / "gate.json").write_text(json.dumps({"layer": 9, "hidden": 16, "hidden_size": 192}))
     code, _, err = run_cli("detect", _val(gated), "--detector", det, "--gate", "--device", "cpu",
                            "--out", tmp_path / "d")
-    assert (code, err) == (1, f"Error: {det / 'gate.json'}: the gate reads layer 9, the detector has 6\n")
+    assert (code, err) == (1, f"Error: {det / 'gate.json'}: the gate reads layer 9, the detector has 6 (layers 0 to 5)\n")
     assert not (tmp_path / "d").exists()
 
 

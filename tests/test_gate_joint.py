@@ -449,3 +449,42 @@ def test_a_resumed_joint_run_equals_an_uninterrupted_one(joint_setup, tmp_path):
             torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=f"{f}: {k}")
     moved = load_file(str(whole / "bavit/model.safetensors"))
     assert max((moved[k] - src[k]).abs().max().item() for k in src) > 1e-4  # training moved BAViT beyond that
+
+
+def test_gate_rows_under_onnx_runtime_are_never_silently_torch(detector_dir, tmp_path):
+    """The exported graphs hold no gate: under --runtime onnx a gated detector gets no gate
+    rows by default, and asking for them is refused (before: they ran in PyTorch while
+    meta.json said onnx)."""
+    import shutil
+
+    from bavit_core.evaluate.options import PruneEvalOptions, selectors_for
+
+    d = tmp_path / "gated"
+    shutil.copytree(detector_dir, d)
+    save_gate(TokenGate(64, 16, 1), d, {})
+    assert "gate" in selectors_for(PruneEvalOptions(detector=str(d)))
+    assert "gate" not in selectors_for(PruneEvalOptions(detector=str(d), runtime="onnx", exported="x"))
+    code, _, err = run_cli("prune-eval", "--detector", d, "--runtime", "onnx", "--exported", tmp_path, "--root",
+                           tmp_path, "--selectors", "dense,gate", "--sparsities", "0.5", "--out", tmp_path / "r")
+    assert code != 0 and "the gate selector runs in PyTorch only" in err
+
+
+def test_resume_refuses_changed_options_and_odd_inputs(detector_dir, coco_synth, joint_setup, tmp_path):
+    """Options a user would expect to act are refused rather than ignored."""
+    out = tmp_path / "g"
+    assert gate_run(detector_dir, coco_synth, out, "--target-sparsity", "0.5", "--epochs", "1",
+                    "--schedule", "step")[0] == 0
+    code, _, err = run_cli("finetune", "--resume", "--out", out, "--epochs", "2", "--target-sparsity", "0.3")
+    assert code != 0 and "cannot resume with --target-sparsity 0.3: the run started with 0.5" in err
+    code, _, err = run_cli("finetune", "--resume", "--out", out, "--epochs", "2", "--target-sparsity", "0.5",
+                           "--device", "cpu")  # the same value is no change
+    assert code == 0, err
+    # --target-sparsity alone would silently run a plain fine-tune
+    code, _, err = run_cli("finetune", "--detector", detector_dir, "--root", coco_synth, "--target-sparsity", "0.5",
+                           "--out", tmp_path / "plain")
+    assert code != 0 and "add one of them" in err and not (tmp_path / "plain").exists()
+    # a detector directory given where a BAViT run belongs
+    code, _, err = run_cli("finetune", "--detector", joint_setup["detector"], "--root", joint_setup["data"],
+                           "--split", "train2017", "--joint", "--model", detector_dir, "--labels",
+                           joint_setup["labels"], "--target-sparsity", "0.5", "--out", tmp_path / "j2")
+    assert code != 0 and "detector's config, not a BAViT run's" in err and "config.json" in err

@@ -424,6 +424,7 @@ def load_bavit(run: str | Path, which: str = "best", device: str | torch.device 
         raise InputFileError(rdir, "model run directory not found")
     if not cfg_path.is_file():
         raise InputFileError(cfg_path, "not a bavit run directory (config.json missing)")
+    cfg_doc = None
     try:
         cfg_doc = json.loads(cfg_path.read_text())
         cfg = ModelConfig.from_dict(cfg_doc["model"])
@@ -433,6 +434,9 @@ def load_bavit(run: str | Path, which: str = "best", device: str | torch.device 
     except BavitError as exc:
         raise InputFileError(cfg_path, f"unreadable run config: 'model' section: {exc}") from None
     except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, KeyError) and isinstance(cfg_doc, dict) and "model_type" in cfg_doc:
+            raise InputFileError(cfg_path, f"a {cfg_doc['model_type']} detector's config, not a BAViT run's "
+                                           "(give a run directory from bavit train)") from None
         raise InputFileError(cfg_path, f"unreadable run config ({exc})") from None
     if not wfile.is_file():
         raise InputFileError(wfile, "model weights not found")

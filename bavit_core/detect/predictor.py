@@ -207,7 +207,8 @@ class PrunedDetector:
         if gate:  # checked against the detector: its width, its layer count
             token_gate = load_gate(detector, det.config, dev)
             weights = Path(detector) / "gate.safetensors"
-            info = {"detector": str(detector), **info, "sha256": sha256_file(weights)}
+            info = {**info, "trained_from": info.get("detector"), "detector": str(detector),
+                    "sha256": sha256_file(weights)}
         if runtime == "onnx":
             from ..export.ort import ExportedModels
 

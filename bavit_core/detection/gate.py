@@ -137,7 +137,7 @@ def load_gate(detector: str | Path, det_config=None, device="cpu") -> TokenGate:
                                            f"{det_config.hidden_size}")
         if doc["layer"] >= det_config.num_hidden_layers:
             raise InputFileError(cfg_path, f"the gate reads layer {doc['layer']}, the detector has "
-                                           f"{det_config.num_hidden_layers}")
+                                           f"{det_config.num_hidden_layers} (layers 0 to {det_config.num_hidden_layers - 1})")
     gate = TokenGate(doc["hidden_size"], doc["hidden"], doc["layer"])
     w = d / GATE_WEIGHTS
     if not w.is_file():

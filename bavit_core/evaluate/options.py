@@ -96,7 +96,10 @@ def selectors_for(opts: PruneEvalOptions) -> list[str]:
     from ..detection.gate import has_gate
 
     return selectors_available({"--model": bool(opts.model), "--labels": bool(opts.labels),
-                                GATE_NEED: has_gate(opts.detector)}, opts.selectors)
+                                # the exported graphs hold no gate: under --runtime onnx its rows are not made by
+                                # default, and asked for they are refused (check_options)
+                                GATE_NEED: has_gate(opts.detector) and (opts.runtime != "onnx" or bool(opts.selectors))},
+                               opts.selectors)
 
 
 def apply_latency_budget(opts: PruneEvalOptions) -> dict | None:

@@ -98,6 +98,34 @@ def _architecture_of(run: Path):
                          + (f"({'; '.join(problems)})" if problems else "or its last/") + "; start again with --overwrite")
 
 
+_PATH_OPTIONS = ("root", "ann", "images", "labels", "val_labels", "model", "init_encoder", "detector")
+_FLAGS = {"num_detection_tokens": "--det-tokens"}
+
+
+def _refuse_changed_options(given: FinetuneOptions, saved: FinetuneOptions) -> None:
+    """A resumed run continues with the options it started with: an option given on resume
+    (anything but its default) that differs from the run's own is refused, never ignored.
+    (--epochs, --device and --out are the resume's own.)"""
+    from dataclasses import fields
+
+    def same(name, a, b) -> bool:
+        if name in _PATH_OPTIONS and a is not None and b is not None and Path(str(a)).exists():
+            return Path(str(a)).resolve() == Path(str(b)).resolve()
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return list(a) == list(b)
+        return a == b
+
+    for f in fields(FinetuneOptions):
+        if f.name in ("epochs", "device", "out"):
+            continue
+        g, s = getattr(given, f.name), getattr(saved, f.name)
+        if same(f.name, g, f.default) or same(f.name, g, s):
+            continue
+        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        raise OptionError(f"cannot resume with {flag} {g}: the run started with {s}, and a resumed run continues "
+                          "with its own options; leave it out, or start a new run (--overwrite)")
+
+
 def _lr_factor(opts: FinetuneOptions, step: int, steps_per_epoch: int) -> float:
     return lr_factor(opts.schedule, step, steps_per_epoch, opts.epochs, opts.step_size, opts.gamma,
                      opts.warmup_epochs)
@@ -202,6 +230,7 @@ def finetune(opts: FinetuneOptions, resume: bool = False, on_step: Callable[[int
         given = opts
         opts = load_typed(FinetuneOptions, run_doc["options"], f, "options")
         check_output_writable(out, in_place=True)
+        _refuse_changed_options(given, opts)
         if given.epochs is not None and given.epochs != opts.epochs:  # a resumed run may be extended
             if opts.schedule == "cosine":
                 raise OptionError(

@@ -95,6 +95,9 @@ class FinetuneOptions:
         from ..detection.gate import RELAXATIONS
 
         if not self.trains_selection:
+            if self.target_sparsity is not None:
+                raise OptionError("--target-sparsity is the kept share --train-gate or --joint trains toward: "
+                                  "add one of them (sparse fine-tuning takes BAViT's --threshold)")
             return
         flag = "--train-gate" if self.train_gate else "--joint"
         if self.train_gate and self.joint:

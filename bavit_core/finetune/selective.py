@@ -222,7 +222,7 @@ def save_selective(model, out: Path, opts, rows, epoch: int, selected: bool) -> 
     the selected one in the run directory, the last in ``last/`` (gate) or
     ``last.safetensors`` (BAViT)."""
     if isinstance(model, GatedDetector):
-        info = {"target_sparsity": opts.target_sparsity, "relaxation": opts.relaxation, "epoch": epoch,
+        info = {"target_sparsity": opts.target_sparsity, "relaxation": opts.relaxation, "epochs_trained": epoch + 1,
                 "trained_by": "bavit finetune --train-gate", "detector": str(opts.detector)}
         if selected:
             save_gate(model.gate, out, info)

@@ -97,12 +97,14 @@ def finetune(
     def on_epoch(row):
         if main:
             v = f"  val mAP {row['val_map']:.4f}  AP50 {row['val_map50']:.4f}" if "val_map" in row else ""
-            if "train_sparsity" in row:  # a gate or a joint run: the kept share it reached
-                v += f"  sparsity {row['train_sparsity']:.3f}" + (
+            if "train_sparsity" in row:  # a gate or a joint run: its other losses, the share it pruned
+                extra = f"  ratio {row['train_loss_ratio']:.4f}" + (
+                    f"  token {row['train_loss_token']:.3f}" if "train_loss_token" in row else "")
+                v = extra + v + f"  sparsity {row['train_sparsity']:.3f}" + (
                     f" (val {row['val_sparsity']:.3f})" if "val_sparsity" in row else "")
             console.print(f"epoch {row['epoch'] + 1:>3}  loss {row['train_loss']:.4f} (ce {row['train_loss_ce']:.3f} "
                           f"L1 {row['train_loss_bbox']:.3f} giou {row['train_loss_giou']:.3f}){v}  "
-                          f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') and v else ''}", highlight=False)
+                          f"{row['images_per_s']:.1f} img/s{'  *best' if row.get('best') and 'val_map' in row else ''}", highlight=False)
 
     with resumable_run("finetune", out, main) as on_resume, \
             progress_bar("finetune", unit="steps", epochs=opts.epochs) as step:

@@ -76,7 +76,9 @@ def detect(
         first = r["skipped"][0]
         err_console.print(f"Skipped {len(r['skipped'])} unreadable image(s) (listed in detect.json); first: "
                           f"{first['file']}: {first['problem']}", highlight=False, soft_wrap=True, markup=False)
-    if not gate and model is None and detector and (Path(detector) / "gate.json").is_file():
+    from bavit_core.detection.gate import has_gate
+
+    if not gate and model is None and has_gate(detector):
         err_console.print(f"Note: {detector} has a trained token gate; this run used every token (--gate uses it)",
                           highlight=False, soft_wrap=True, markup=False)
     console.print(f"Wrote {r['out']}/detections.json, summary.csv, "

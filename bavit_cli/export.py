@@ -52,7 +52,9 @@ def export(
         rows.append((f"{name}.onnx", "max |ORT - PyTorch| " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())))
     print_table(kv_table(f"bavit export ({r['seconds']:.1f} s)", rows))
     console.print(f"Wrote {', '.join(r['graphs'])} and manifest.json to {r['out']}", soft_wrap=True)
-    if (Path(detector) / "gate.json").is_file():
+    from bavit_core.detection.gate import has_gate
+
+    if has_gate(detector):
         err_console.print(f"Note: {detector} has a trained token gate; bavit export writes no gate graph (the "
                           "graphs run BAViT's tokens or every token; the gate runs in PyTorch: bavit detect --gate)",
                           highlight=False, soft_wrap=True, markup=False)

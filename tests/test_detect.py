@@ -4,45 +4,23 @@ skipped and counted (or, --strict, one error line and nothing written); an inter
 resumed."""
 import csv
 import json
-import math
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
-from bavit_core.bavit.model import create_bavit, save_weights
 from bavit_core.demo import shipped_detector
 from bavit_core.detect.outputs import read_detections, read_summary
 from bavit_core.detect.run import DetectOptions, detect_images
 
 from .cli_helpers import run_cli
-
-
-def _spread(model, seed):
-    """O(1) outputs from random weights (at init BAViT's probabilities all sit near 0.5 and
-    YOLOS's detection tokens all predict nearly the same box and score)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("position_embeddings", "pos_embed", "cls_token", "detection_tokens")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+from .random_models import make_bavit_run, spread
 
 
 def make_run(path, size=(128, 128), seed=3):
     """A random-weight BAViT run directory on the shipped detector's 8x8 grid (no nearest-
     resampling duplicates, so the calibrated threshold has no ties)."""
-    torch.manual_seed(seed)
-    b = _spread(create_bavit(depth=1, input_size=size), seed)
-    path.mkdir(parents=True)
-    save_weights(b, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps({"model": asdict(b.cfg)}))
-    return path
+    return make_bavit_run(path, seed, size)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +110,8 @@ def test_dense_detect_equals_transformers_pipeline(coco_named, tmp_path):
     from .hub_fixtures import build_hub_yolos
 
     det = build_hub_yolos("yolos-tiny", tmp_path / "tiny", layers=2, hidden=48)
-    spread = _spread(YolosForObjectDetection.from_pretrained(str(det)), 5)  # tokens that differ: no score ties
-    spread.save_pretrained(tmp_path / "spread")
+    spread_model = spread(YolosForObjectDetection.from_pretrained(str(det)), 5)  # tokens that differ: no score ties
+    spread_model.save_pretrained(tmp_path / "spread")
     (det / "model.safetensors").write_bytes((tmp_path / "spread" / "model.safetensors").read_bytes())
     files = sorted((coco_named / "val2017").iterdir())[:2]
     code, _, err = run_cli("detect", *files, "--detector", det, "--score-threshold", "0.001", "--no-overlays",

@@ -2,9 +2,7 @@
 truth, bad input is one line."""
 import csv
 import json
-import math
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from transformers import YolosForObjectDetection
 
 pytest.importorskip("onnxruntime")
 
-from bavit_core.bavit.model import create_bavit, load_bavit, save_weights  # noqa: E402
+from bavit_core.bavit.model import load_bavit  # noqa: E402
 from bavit_core.data.synthetic import CLASS_NAMES  # noqa: E402
 from bavit_core.detection.pruned import pruned_forward  # noqa: E402
 from bavit_core.detection.yolos import init_new_yolos, load_detector, tiny_yolos_config  # noqa: E402
@@ -24,24 +22,9 @@ from bavit_core.export.ort import ExportedModels, session  # noqa: E402
 from bavit_core.runtime.fileio import sha256_file  # noqa: E402
 
 from .cli_helpers import run_cli  # noqa: E402
+from .random_models import make_bavit_run, spread  # noqa: E402
 
 TOL = 1e-4
-
-
-def spread(model, seed):
-    """Weights large enough that outputs are O(1) (at init they are ~1e-3, where a 1e-4
-    comparison proves nothing): unit-variance embeddings and position tables, 1/sqrt(fan_in)
-    matrices, noisy norms."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("position_embeddings", "pos_embed", "cls_token", "detection_tokens")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def make_detector(path, mid, image_size, seed):
@@ -53,15 +36,6 @@ def make_detector(path, mid, image_size, seed):
     init_new_yolos(m, seed)
     spread(m, seed)
     m.save_pretrained(path)
-    return path
-
-
-def make_bavit_run(path, seed, size=(48, 48)):
-    torch.manual_seed(seed)
-    b = spread(create_bavit(depth=1, input_size=size), seed)
-    path.mkdir(parents=True)
-    save_weights(b, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps({"model": asdict(b.cfg)}))
     return path
 
 

@@ -3,7 +3,6 @@
 the detector (``finetune --joint``), both through the differentiable masked forward."""
 import csv
 import json
-import math
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from bavit_core.detection.gate import TokenGate, load_gate, relaxed_keep, save_g
 from bavit_core.detection.layered import layered_forward
 from bavit_core.detection.masked import masked_forward
 from bavit_core.detection.pruned import TREATMENTS, pruned_forward
-from bavit_core.detection.yolos import init_new_yolos, tiny_yolos_config
+from bavit_core.detection.yolos import tiny_yolos_config
 from bavit_core.finetune.selective import keep_logit_threshold, to_detector_grid
 
 from .cli_helpers import run_cli

@@ -82,6 +82,26 @@ def gate_scores(gate, h: torch.Tensor, lengths: list, n_det: int) -> list:
     return out
 
 
+def dense_layers(model, h: torch.Tensor, mid, lengths: list, stop_layer: int) -> torch.Tensor:
+    """The detector's first ``stop_layer`` encoder layers on every token of the packed
+    sequences ``h`` (T, C) of ``lengths`` (images of one size: one padded attention call
+    per layer, else one per image)."""
+    if not stop_layer:
+        return h
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    hd = cfg.hidden_size // heads
+    scale = model.vit.encoder.layer[0].attention.attention.scaling
+    p_drop = cfg.attention_probs_dropout_prob if model.training else 0.0
+    if len(set(lengths)) == 1:
+        b, n = len(lengths), lengths[0]
+        attend = lambda qkv, kv: attend_pad(qkv.view(b, n, -1), None, None, heads, hd,  # noqa: E731
+                                            scale, p_drop).reshape(b * n, -1)
+    else:
+        attend = lambda qkv, kv: attend_packed(qkv, None, lengths, None, heads, hd, scale, p_drop)  # noqa: E731
+    return _encode(model, h, None, attend, mid, 0, stop_layer)
+
+
 def layered_forward(model, pixel_values, layer: int, keep=None, sparsity: float | None = None,
                     layout: str = "pack", treatment: str = "drop", gate=None,
                     threshold: float | None = None) -> PrunedOutput:
@@ -123,18 +143,7 @@ def layered_forward(model, pixel_values, layer: int, keep=None, sparsity: float 
         tok = _embed_mixed(model, images, [torch.ones(n, dtype=torch.bool, device=dev) for n in n_patches], "drop")
     lengths = tok.lengths
     h, mid = model.vit.embeddings.dropout(tok.h), tok.mid
-    if layer:  # the first layers on every token
-        heads = cfg.num_attention_heads
-        hd = cfg.hidden_size // heads
-        scale = model.vit.encoder.layer[0].attention.attention.scaling
-        p_drop = cfg.attention_probs_dropout_prob if model.training else 0.0
-        if len(set(lengths)) == 1:  # images of one size: one (B, L) call per layer
-            b, n = len(lengths), lengths[0]
-            attend = lambda qkv, kv: attend_pad(qkv.view(b, n, -1), None, None, heads, hd,  # noqa: E731
-                                                scale, p_drop).reshape(b * n, -1)
-        else:
-            attend = lambda qkv, kv: attend_packed(qkv, None, lengths, None, heads, hd, scale, p_drop)  # noqa: E731
-        h = _encode(model, h, None, attend, mid, 0, layer)
+    h = dense_layers(model, h, mid, lengths, layer)
     scores = attention_scores(model, h, lengths, layer) if gate is None else gate_scores(gate, h, lengths, n_det)
     if threshold is not None:
         keeps = [(1.0 - sc) < threshold for sc in scores]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import attend_pad
+from .layered import dense_layers
 from .pruned import PrunedOutput, _embed, _encode
 
 
@@ -59,9 +59,7 @@ def masked_forward(model, pixel_values: torch.Tensor, keep: torch.Tensor | None 
     scale = model.vit.encoder.layer[0].attention.attention.scaling
     p_drop = cfg.attention_probs_dropout_prob if model.training else 0.0
     h, mid = model.vit.embeddings.dropout(tok.h), tok.mid
-    if layer:
-        h = _encode(model, h, None, lambda qkv, kv: attend_pad(qkv.view(b, n, -1), None, None, heads, hd, scale,
-                                                                p_drop).reshape(b * n, -1), mid, 0, layer)
+    h = dense_layers(model, h, mid, [n] * b, layer)
     if scorer is not None:
         keep = scorer(h.view(b, n, c)[:, 1 + n_det:])
     keep = keep.reshape(b, p)

@@ -82,7 +82,8 @@ def token_labels_for(labels_path, image_ids, grid_shape) -> np.ndarray:
 
 
 def keep_selector(opts: FinetuneOptions, aset, grid, device, labels_path):
-    """(function(idx, bavit_inputs) → kept grids, BAViT input size or None), or None for dense."""
+    """(function(idx, bavit_inputs) → kept grids, BAViT input size or None), or None for dense;
+    for joint training (None, BAViT's input size): no fixed selection, only BAViT's inputs."""
     if opts.selector == "none":
         return None
     if opts.selector == "oracle":
@@ -93,6 +94,8 @@ def keep_selector(opts: FinetuneOptions, aset, grid, device, labels_path):
 
         return oracle, None
     bavit = load_bavit(opts.model, device=device)
+    if opts.joint:  # BAViT's decisions change as it trains: only its inputs are kept (FinetuneData.bavit_images)
+        return None, (bavit.cfg.input_h, bavit.cfg.input_w)
 
     def from_bavit(idx, inputs):
         return bavit_keep(infer_probs(bavit, inputs, 32, device), opts.threshold, grid, opts.resample)

@@ -23,8 +23,8 @@ import torch
 from .. import __version__
 from ..bavit.model import load_bavit
 from ..data import open_dataset
-from ..data.images import resolve_paths, to_input
-from ..detection.cocoeval import coco_ground_truth, detections_from_outputs, evaluate_detections
+from ..data.images import resolve_paths
+from ..detection.cocoeval import coco_ground_truth
 from ..detection.pruned import pruned_forward
 from ..detection.protocol import InputProtocol, square_protocol, write_processor
 from ..detection.yolos import (detector_grid, init_encoder_from_bavit, init_new_yolos,
@@ -39,6 +39,7 @@ from ..runtime.fileio import (atomic_write_text, check_new_run_dir, check_output
                               resolve_input_paths)
 from ..runtime.typed import load_typed, read_json_object
 from ..detection.gate import GATE_CONFIG, GATE_WEIGHTS, default_hidden
+from .validation import evaluate_map
 from .data import FinetuneData, keep_selector, label_map_for, make_batch, prepare, token_labels_for
 from .selective import (BAVIT_DIR, GatedDetector, GateTrainer, JointPair, JointTrainer, new_gate,
                         save_selective)
@@ -129,25 +130,6 @@ def _refuse_changed_options(given: FinetuneOptions, saved: FinetuneOptions) -> N
 def _lr_factor(opts: FinetuneOptions, step: int, steps_per_epoch: int) -> float:
     return lr_factor(opts.schedule, step, steps_per_epoch, opts.epochs, opts.step_size, opts.gamma,
                      opts.warmup_epochs)
-
-
-@torch.no_grad()
-def evaluate_map(model, data: FinetuneData, gt, batch_size, device, dist: Dist, treatment: str = "drop") -> dict:
-    model.eval()
-    dets = []
-    idx = np.arange(len(data.ids))[dist.rank::dist.world]
-    for s in range(0, len(idx), batch_size):
-        b = idx[s:s + batch_size]
-        x = to_input(data.images[b], data.mean, data.std, device, data.rescale)
-        keep = None if data.keep is None else torch.as_tensor(data.keep[b], device=device)
-        out = pruned_forward(model, x, keep, treatment=treatment)
-        dets += detections_from_outputs(out.logits, out.pred_boxes, data.ids[b], data.widths[b], data.heights[b])
-    if dist.enabled:
-        gathered = [None] * dist.world
-        torch.distributed.all_gather_object(gathered, dets)
-        dets = [d for part in gathered for d in part]
-    model.train()
-    return evaluate_detections(gt, dets, data.ids)
 
 
 def _save_hf(model, dest: Path, proto: InputProtocol):
@@ -303,8 +285,7 @@ def _finetune(opts, resume, device, dist, on_step, on_epoch, on_resume=None, for
     train = prepare(aset, train_idx, proto, label_map, keep_fn, all_paths, keep_bavit_images=opts.joint)
     val = gt = None
     if val_aset is not None:
-        # the oracle's validation grids come from --val-labels; joint training's token loss never reads them
-        vkeep = keep_selector(opts, val_aset, grid, device, opts.val_labels or (None if opts.joint else opts.labels))
+        vkeep = keep_selector(opts, val_aset, grid, device, opts.val_labels or opts.labels)
         # by name through the detector's labels (from scratch: the training split's classes), so a validation
         # split that lacks a class maps every other class as training does
         vmap = label_map_for(val_aset, None if val_aset.kind == "coco" else model.config)

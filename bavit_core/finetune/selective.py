@@ -25,7 +25,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,13 +32,13 @@ from ..bavit.model import save_weights
 from ..bavit.runfiles import CONFIG_FILE, LAST_FILE, MODEL_FILE
 from ..data.grid import nearest_index
 from ..data.images import to_input
-from ..detection.cocoeval import detections_from_outputs, evaluate_detections
 from ..detection.gate import TokenGate, default_hidden, ratio_loss, relaxed_keep, save_gate
 from ..detection.layered import layered_forward
 from ..detection.masked import masked_forward
 from ..detection.pruned import pruned_forward
 from ..runtime.distributed import Dist
 from ..runtime.fileio import atomic_write_text
+from .validation import evaluate_map
 
 BAVIT_DIR = "bavit"  # a joint run's BAViT run, inside the detector run
 
@@ -117,30 +116,11 @@ class _SelectiveTrainer:
     def score(self, row):
         return row.get("val_map", -row["train_loss"])
 
-    @torch.no_grad()
     def validate(self, dist: Dist):
         if self.val is None:
             return {}
-        was = self.model.training
-        self.model.eval()
-        dets, kept, tokens = [], 0.0, 0.0
-        data = self.val
-        idx = np.arange(len(data.ids))[dist.rank::dist.world]
-        for s in range(0, len(idx), self.opts.batch_size):
-            b = idx[s:s + self.opts.batch_size]
-            x = to_input(data.images[b], data.mean, data.std, self.device, data.rescale)
-            logits, boxes, keep = self._infer(x, b)
-            dets += detections_from_outputs(logits, boxes, data.ids[b], data.widths[b], data.heights[b])
-            kept += float(keep.sum())
-            tokens += keep.numel()
-        if dist.enabled:
-            gathered = [None] * dist.world
-            torch.distributed.all_gather_object(gathered, dets)
-            dets = [d for part in gathered for d in part]
-            kept, tokens = dist.sum([kept, tokens])
-        self.model.train(was)
-        m = evaluate_detections(self.gt, dets, data.ids)
-        return {**{f"val_{k}": v for k, v in m.items()}, "val_sparsity": 1 - kept / max(tokens, 1.0)}
+        m = evaluate_map(self.model, self.val, self.gt, self.opts.batch_size, self.device, dist, forward=self._infer)
+        return {f"val_{k}": v for k, v in m.items()}
 
 
 class GateTrainer(_SelectiveTrainer):
